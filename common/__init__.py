@@ -1,0 +1,1 @@
+"""detrkd.common: everything the distillation methods share (ops, models, data, training)."""

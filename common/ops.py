@@ -1,0 +1,429 @@
+"""The four ops every DETR in this project runs, each with two backends.
+
+    ms_deform_attn          multi-scale deformable attention (Deformable DETR, DINO)
+    match_cost              DETR matching cost, class + L1 + GIoU, on each image's own block
+    pairwise_giou           batched pairwise generalized IoU (and IoU) of xyxy boxes
+    linear_sum_assignment   exact batched rectangular assignment (Hungarian matching)
+
+Backends:
+    "ext"       the compiled extension ``common._C`` (csrc/): CPU kernels always, CUDA kernels
+                when it was built with CUDA.
+    "fallback"  the pure-PyTorch (and scipy) code in this file: slow, but short and readable; it
+                is the reference the tests hold the extension to.
+
+The extension is used when it can be imported, else the fallback, with one warning naming the
+reason. ``DETRKD_OPS=fallback`` forces the fallback, ``DETRKD_OPS=ext`` makes a missing
+extension an error. ``python -m common.ops`` prints what is active.
+"""
+import os
+import warnings
+
+import numpy as np
+import scipy.optimize
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = ["ms_deform_attn", "match_cost", "pairwise_giou", "linear_sum_assignment",
+           "backend", "describe"]
+
+# ------------------------------------------------------------------------------------------
+# Backend selection
+# ------------------------------------------------------------------------------------------
+
+_MODE = os.environ.get("DETRKD_OPS", "auto").strip().lower() or "auto"
+if _MODE not in ("auto", "ext", "fallback"):
+    raise ValueError(f"DETRKD_OPS must be 'auto', 'ext' or 'fallback', got {_MODE!r}")
+
+_C = None
+_WHY_NOT = None
+if _MODE == "fallback":
+    _WHY_NOT = "DETRKD_OPS=fallback is set"
+else:
+    try:
+        from common import _C  # noqa: F811
+    except ImportError as e:  # not built, or built for another torch / Python
+        _WHY_NOT = f"the extension common._C could not be imported ({e}); build it with " \
+                   f"'python setup.py build_ext --inplace'"
+        if _MODE == "ext":
+            raise ImportError(f"DETRKD_OPS=ext but {_WHY_NOT}") from e
+_WARNED = False
+
+
+def _ext_for(device: torch.device):
+    """The extension module if it can run on ``device``, else None (after one warning)."""
+    global _WARNED
+    if _C is not None and (device.type == "cpu" or (device.type == "cuda" and _C.with_cuda())):
+        return _C
+    if _C is not None:
+        why = f"the extension was built without CUDA kernels; inputs are on {device}"
+        if _MODE == "ext":
+            raise RuntimeError(f"DETRKD_OPS=ext but {why}")
+    else:
+        why = _WHY_NOT
+    if not _WARNED and _MODE != "fallback":
+        warnings.warn(f"detrkd ops use the slow pure-PyTorch fallback: {why}", stacklevel=3)
+        _WARNED = True
+    return None
+
+
+def backend(device="cpu") -> str:
+    """'ext' or 'fallback': which backend the ops use for tensors on ``device``."""
+    device = torch.device(device)
+    ok = _C is not None and (device.type == "cpu" or (device.type == "cuda" and _C.with_cuda()))
+    return "ext" if ok else "fallback"
+
+
+def describe() -> str:
+    lines = [f"detrkd ops (DETRKD_OPS={_MODE})"]
+    if _C is None:
+        lines.append(f"  extension: not used: {_WHY_NOT}")
+    else:
+        lines.append(f"  extension: {_C.__file__}")
+        lines.append(f"  CUDA kernels built: {'yes' if _C.with_cuda() else 'no'}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for name in __all__[:4]:
+        lines.append(f"  {name:22s} " + ", ".join(f"{d}: {backend(d)}" for d in devices))
+    lines.append(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), "
+                 f"GPU available: {torch.cuda.is_available()}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Argument checks shared by both backends: clear Python errors, never a crash in a kernel.
+# ------------------------------------------------------------------------------------------
+
+def _check_tensor(name, x, ndim=None, last=None, floating=None, dtype=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() not in ((ndim,) if isinstance(ndim, int) else ndim):
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if last is not None and x.shape[-1] != last:
+        raise ValueError(f"{name} must have last dimension {last}, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {x.dtype}")
+
+
+def _check_same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError("all inputs must be on one device, got " +
+                         ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+# ------------------------------------------------------------------------------------------
+# Multi-scale deformable attention
+# ------------------------------------------------------------------------------------------
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights):
+    """Multi-scale deformable attention core (Zhu et al., Deformable DETR, arXiv:2010.04159, eq. 2).
+
+    Args:
+        value:              (B, S, H, Dh) projected values of all levels, level l in rows
+                            level_start_index[l] : level_start_index[l] + H_l * W_l, row-major.
+        spatial_shapes:     (L, 2) int64, (H_l, W_l) of each level.
+        level_start_index:  (L,) int64, exclusive cumulative sum of H_l * W_l.
+        sampling_locations: (B, Q, H, L, P, 2) in (x, y) order, normalised to [0, 1] over each
+                            level's (padded) map; points outside it read zeros.
+        attention_weights:  (B, Q, H, L, P), normally softmaxed over L * P.
+    Returns:
+        (B, Q, H * Dh): sum over levels and points of weight x bilinear sample, exactly
+        ``F.grid_sample(align_corners=False, padding_mode='zeros')`` semantics.
+
+    value, locations and weights share one dtype (fp32/fp64 on CPU; fp32/fp16/bf16 on CUDA,
+    accumulated in fp32) and are differentiable.
+    """
+    _check_tensor("value", value, ndim=4, floating=True)
+    _check_tensor("spatial_shapes", spatial_shapes, ndim=2, last=2, dtype=torch.int64)
+    _check_tensor("level_start_index", level_start_index, ndim=1, dtype=torch.int64)
+    _check_tensor("sampling_locations", sampling_locations, ndim=6, last=2, floating=True)
+    _check_tensor("attention_weights", attention_weights, ndim=5, floating=True)
+    B, S, H, Dh = value.shape
+    L = spatial_shapes.shape[0]
+    if level_start_index.shape[0] != L:
+        raise ValueError(f"level_start_index has {level_start_index.shape[0]} entries but "
+                         f"spatial_shapes has {L} levels")
+    Bl, Q, Hl, Ll, P, _ = sampling_locations.shape
+    if (Bl, Hl, Ll) != (B, H, L):
+        raise ValueError(f"sampling_locations shape {tuple(sampling_locations.shape)} does not "
+                         f"fit (B={B}, Q, H={H}, L={L}, P, 2) from value and spatial_shapes")
+    if attention_weights.shape != sampling_locations.shape[:-1]:
+        raise ValueError(f"attention_weights shape {tuple(attention_weights.shape)} must be "
+                         f"{tuple(sampling_locations.shape[:-1])} (B, Q, H, L, P)")
+    if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
+        raise TypeError(f"value, sampling_locations and attention_weights must share a dtype, "
+                        f"got {value.dtype}, {sampling_locations.dtype}, "
+                        f"{attention_weights.dtype}")
+    _check_same_device(value=value, sampling_locations=sampling_locations,
+                       attention_weights=attention_weights)
+    if spatial_shapes.device.type == "cpu":  # checking device-resident shapes would sync
+        hw = spatial_shapes.prod(1)
+        if int(hw.sum()) != S:
+            raise ValueError(f"value has S={S} rows but spatial_shapes {spatial_shapes.tolist()} "
+                             f"sum to {int(hw.sum())}")
+        if level_start_index.device.type == "cpu" and not torch.equal(
+                level_start_index, torch.cumsum(hw, 0) - hw):
+            raise ValueError(f"level_start_index {level_start_index.tolist()} is not the "
+                             f"exclusive cumulative sum of H*W of spatial_shapes")
+
+    ext = _ext_for(value.device)
+    if ext is None:
+        return ms_deform_attn_fallback(value, spatial_shapes, sampling_locations,
+                                       attention_weights)
+    if value.device.type == "cpu" and value.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"ms_deform_attn on CPU supports float32 and float64, got {value.dtype}")
+    return _MSDeformAttnFunction.apply(
+        value.contiguous(), spatial_shapes.to(value.device).contiguous(),
+        level_start_index.to(value.device).contiguous(), sampling_locations.contiguous(),
+        attention_weights.contiguous())
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights):
+        output = _C.ms_deform_attn_forward(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights)
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations,
+                              attention_weights)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad_value, grad_loc, grad_attn = _C.ms_deform_attn_backward(
+            *ctx.saved_tensors, grad_output.contiguous())
+        return grad_value, None, None, grad_loc, grad_attn
+
+
+def ms_deform_attn_fallback(value, spatial_shapes, sampling_locations, attention_weights):
+    """Pure-PyTorch reference: one ``grid_sample`` per level (as the official repository's
+    ``ms_deform_attn_core_pytorch``). Memory grows as B * H * Dh * Q * L * P."""
+    B, S, H, Dh = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    value_per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    samples = []
+    for lvl, (h, w) in enumerate(shapes):
+        # (B, h*w, H, Dh) -> (B*H, Dh, h, w)
+        v = value_per_level[lvl].flatten(2).transpose(1, 2).reshape(B * H, Dh, h, w)
+        # (B, Q, H, P, 2) -> (B*H, Q, P, 2)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        # -> (B*H, Dh, Q, P)
+        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))
+    # (B, Q, H, L, P) -> (B*H, 1, Q, L*P)
+    weights = attention_weights.transpose(1, 2).reshape(B * H, 1, Q, L * P)
+    out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # (B*H, Dh, Q)
+    return out.view(B, H * Dh, Q).transpose(1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------------
+# Boxes: pairwise GIoU
+# ------------------------------------------------------------------------------------------
+
+def pairwise_giou(boxes1, boxes2, return_iou=False):
+    """Generalized IoU (Rezatofighi et al., CVPR 2019) of every pair of xyxy boxes.
+
+    boxes1 (N, 4) and boxes2 (M, 4) -> (N, M); or batched (B, N, 4), (B, M, 4) -> (B, N, M).
+    With ``return_iou`` returns (giou, iou). Zero-size boxes give finite values (IoU 0). The
+    result is float32 for half inputs (computed in fp32), else the input dtype.
+    """
+    _check_tensor("boxes1", boxes1, ndim=(2, 3), last=4, floating=True)
+    _check_tensor("boxes2", boxes2, ndim=(2, 3), last=4, floating=True)
+    if boxes1.dim() != boxes2.dim():
+        raise ValueError(f"boxes1 and boxes2 must both be 2-D or both 3-D, got shapes "
+                         f"{tuple(boxes1.shape)} and {tuple(boxes2.shape)}")
+    if boxes1.dim() == 3 and boxes1.shape[0] != boxes2.shape[0]:
+        raise ValueError(f"batch sizes differ: boxes1 {tuple(boxes1.shape)}, "
+                         f"boxes2 {tuple(boxes2.shape)}")
+    _check_same_device(boxes1=boxes1, boxes2=boxes2)
+    unbatched = boxes1.dim() == 2
+    a, b = (boxes1[None], boxes2[None]) if unbatched else (boxes1, boxes2)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    a, b = a.to(dtype), b.to(dtype)
+    ext = _ext_for(a.device)
+    if ext is None:
+        giou, iou = pairwise_giou_fallback(a, b)
+    else:
+        giou, iou = ext.pairwise_giou(a.contiguous(), b.contiguous())
+    if unbatched:
+        giou, iou = giou[0], iou[0]
+    return (giou, iou) if return_iou else giou
+
+
+def pairwise_giou_fallback(a, b):
+    """(B, N, 4), (B, M, 4) xyxy -> (giou, iou), each (B, N, M)."""
+    area_a = (a[..., 2] - a[..., 0]).clamp(min=0) * (a[..., 3] - a[..., 1]).clamp(min=0)
+    area_b = (b[..., 2] - b[..., 0]).clamp(min=0) * (b[..., 3] - b[..., 1]).clamp(min=0)
+    a, b = a[:, :, None, :], b[:, None, :, :]  # (B, N, 1, 4), (B, 1, M, 4)
+    inter_wh = (torch.minimum(a[..., 2:], b[..., 2:]) -
+                torch.maximum(a[..., :2], b[..., :2])).clamp(min=0)
+    inter = inter_wh[..., 0] * inter_wh[..., 1]
+    union = area_a[:, :, None] + area_b[:, None, :] - inter
+    iou = inter / union.clamp(min=torch.finfo(union.dtype).tiny)
+    hull_wh = (torch.maximum(a[..., 2:], b[..., 2:]) -
+               torch.minimum(a[..., :2], b[..., :2])).clamp(min=0)
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
+    giou = iou - (hull - union) / hull.clamp(min=torch.finfo(hull.dtype).tiny)
+    return giou, iou
+
+
+# ------------------------------------------------------------------------------------------
+# Matching cost
+# ------------------------------------------------------------------------------------------
+
+_CLASS_COSTS = {"focal": 0, "softmax": 1}
+
+
+def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
+               class_cost="focal", w_class=2.0, w_bbox=5.0, w_giou=2.0, alpha=0.25, gamma=2.0):
+    """The DETR matching cost (Carion et al., arXiv:2005.12872, eq. 1) on each image's own block.
+
+    Args:
+        pred_logits: (B, Q, C) class logits.
+        pred_boxes:  (B, Q, 4) predicted boxes, normalised cxcywh.
+        tgt_labels:  (B, T) int64 labels in [0, C), padded to T = max targets per image.
+        tgt_boxes:   (B, T, 4) target boxes, normalised cxcywh, padded likewise.
+        num_targets: (B,) int64, the number of real targets of each image (<= T).
+        class_cost:  "focal", as Conditional DETR, DAB-DETR, Deformable DETR and DINO:
+                     alpha * (1-p)^gamma * -log(p) - (1-alpha) * p^gamma * -log(1-p) with
+                     p = sigmoid(logit of the target's class); or "softmax", as DETR:
+                     -softmax(logits)[label].
+        w_class, w_bbox, w_giou: weights of the class, L1 and -GIoU terms.
+    Returns:
+        cost (B, Q, T) float32: w_class * class + w_bbox * L1 - w_giou * GIoU; entries of padded
+        targets (t >= num_targets[b]) are 0.
+    """
+    _check_tensor("pred_logits", pred_logits, ndim=3, floating=True)
+    _check_tensor("pred_boxes", pred_boxes, ndim=3, last=4, floating=True)
+    _check_tensor("tgt_labels", tgt_labels, ndim=2, dtype=torch.int64)
+    _check_tensor("tgt_boxes", tgt_boxes, ndim=3, last=4, floating=True)
+    _check_tensor("num_targets", num_targets, ndim=1, dtype=torch.int64)
+    B, Q, C = pred_logits.shape
+    T = tgt_labels.shape[1]
+    if pred_boxes.shape[:2] != (B, Q):
+        raise ValueError(f"pred_boxes shape {tuple(pred_boxes.shape)} must be (B={B}, Q={Q}, 4)")
+    if tgt_boxes.shape[:2] != (B, T):
+        raise ValueError(f"tgt_boxes shape {tuple(tgt_boxes.shape)} must be (B={B}, T={T}, 4) "
+                         f"like tgt_labels {tuple(tgt_labels.shape)}")
+    if num_targets.shape[0] != B:
+        raise ValueError(f"num_targets has {num_targets.shape[0]} entries, expected B={B}")
+    if class_cost not in _CLASS_COSTS:
+        raise ValueError(f"class_cost must be one of {sorted(_CLASS_COSTS)}, got {class_cost!r}")
+    _check_same_device(pred_logits=pred_logits, pred_boxes=pred_boxes, tgt_labels=tgt_labels,
+                       tgt_boxes=tgt_boxes, num_targets=num_targets)
+    if num_targets.device.type == "cpu" and B > 0:  # on CUDA these checks would sync
+        if int(num_targets.min()) < 0 or int(num_targets.max()) > T:
+            raise ValueError(f"num_targets must lie in [0, T={T}], got {num_targets.tolist()}")
+        valid = torch.arange(T)[None, :] < num_targets[:, None]
+        labels = tgt_labels[valid]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
+            raise ValueError(f"tgt_labels must lie in [0, C={C}) for real targets, got "
+                             f"min {int(labels.min())}, max {int(labels.max())}")
+    ext = _ext_for(pred_logits.device)
+    if ext is None:
+        return match_cost_fallback(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets,
+                                   class_cost, w_class, w_bbox, w_giou, alpha, gamma)
+    return ext.match_cost(pred_logits.contiguous(), pred_boxes.contiguous(),
+                          tgt_labels.contiguous(), tgt_boxes.contiguous(),
+                          num_targets.contiguous(), _CLASS_COSTS[class_cost], float(w_class),
+                          float(w_bbox), float(w_giou), float(alpha), float(gamma))
+
+
+def _cxcywh_to_xyxy(b):
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def match_cost_fallback(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets,
+                        class_cost="focal", w_class=2.0, w_bbox=5.0, w_giou=2.0, alpha=0.25,
+                        gamma=2.0):
+    """Compact eager reference: (B, Q, T) blocks, never the (B*Q, sum T) matrix."""
+    logits = pred_logits.float()
+    boxes, tgt = pred_boxes.float(), tgt_boxes.float()
+    B, Q, C = logits.shape
+    T = tgt_labels.shape[1]
+    labels = tgt_labels.clamp(0, max(C - 1, 0))[:, None, :].expand(B, Q, T)  # (B, Q, T)
+    if class_cost == "focal":
+        p = logits.sigmoid().gather(2, labels)
+        neg = (1 - alpha) * p.pow(gamma) * -(1 - p + 1e-8).log()
+        pos = alpha * (1 - p).pow(gamma) * -(p + 1e-8).log()
+        cost_class = pos - neg
+    else:
+        cost_class = -logits.softmax(-1).gather(2, labels)
+    cost_bbox = (boxes[:, :, None, :] - tgt[:, None, :, :]).abs().sum(-1)  # (B, Q, T)
+    giou, _ = pairwise_giou_fallback(_cxcywh_to_xyxy(boxes), _cxcywh_to_xyxy(tgt))
+    cost = w_class * cost_class + w_bbox * cost_bbox - w_giou * giou
+    valid = torch.arange(T, device=cost.device)[None, None, :] < num_targets[:, None, None]
+    return torch.where(valid, cost, torch.zeros((), device=cost.device))
+
+
+# ------------------------------------------------------------------------------------------
+# Linear assignment
+# ------------------------------------------------------------------------------------------
+
+def linear_sum_assignment(cost, sizes=None, validate=True):
+    """Exact minimum-cost assignment, batched and rectangular, like scipy's.
+
+    Args:
+        cost:  (N, M) or (B, N, M) float32/float64; rows are usually queries, columns targets.
+        sizes: None (every column is real) or a sequence/CPU tensor of B ints, the number of real
+               columns of each image (padded columns beyond it are ignored).
+        validate: raise ValueError for a non-finite or infeasible cost. On CUDA this waits for
+               the result (one device sync); pass False to keep the call asynchronous.
+    Returns:
+        for (N, M): (row_ind, col_ind), int64 tensors on cost's device, row_ind ascending, as
+        ``scipy.optimize.linear_sum_assignment``; for (B, N, M): a list of B such tuples.
+    """
+    _check_tensor("cost", cost, ndim=(2, 3), floating=True)
+    unbatched = cost.dim() == 2
+    c = cost[None] if unbatched else cost
+    B, N, M = c.shape
+    if sizes is None:
+        cols = [M] * B
+    else:
+        cols = [int(s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
+        if len(cols) != B:
+            raise ValueError(f"sizes has {len(cols)} entries, expected one per image (B={B})")
+        if any(s < 0 or s > M for s in cols):
+            raise ValueError(f"sizes must lie in [0, M={M}], got {cols}")
+    if c.dtype not in (torch.float32, torch.float64):
+        c = c.float()
+    ext = _ext_for(c.device)
+    if ext is None:
+        result = linear_sum_assignment_fallback(c, cols)
+    else:
+        num_cols = torch.tensor(cols, dtype=torch.int64).to(c.device, non_blocking=True)
+        row_ind, col_ind, status = ext.linear_sum_assignment(c.contiguous(), num_cols)
+        if validate:
+            bad = torch.nonzero(status).flatten().tolist()
+            if bad:
+                kind = {1: "contains NaN or inf", 2: "is infeasible"}[int(status[bad[0]])]
+                raise ValueError(f"cost of image {bad[0]} {kind} (images with a problem: {bad})")
+        result = [(row_ind[b, :min(N, k)], col_ind[b, :min(N, k)]) for b, k in enumerate(cols)]
+    return result[0] if unbatched else result
+
+
+def linear_sum_assignment_fallback(cost, cols):
+    """scipy.optimize.linear_sum_assignment, one image at a time (what DETR's matcher does)."""
+    out = []
+    host = cost.detach().to("cpu", torch.float64).numpy()
+    for b, k in enumerate(cols):
+        block = host[b, :, :k]
+        if not np.isfinite(block).all():
+            raise ValueError(f"cost of image {b} contains NaN or inf")
+        r, c = scipy.optimize.linear_sum_assignment(block)
+        out.append((torch.as_tensor(r, dtype=torch.int64, device=cost.device),
+                    torch.as_tensor(c, dtype=torch.int64, device=cost.device)))
+    return out
+
+
+if __name__ == "__main__":
+    print(describe())
