@@ -15,6 +15,13 @@ import glob
 import os
 
 from setuptools import setup
+
+# torch derives CUDA_HOME from the first nvcc on PATH; a wrapper script in /usr/local/bin would
+# make that /usr/local. Prefer the standard toolkit location when nothing is set.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and \
+        os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 import torch
 
