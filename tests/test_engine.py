@@ -1,0 +1,186 @@
+"""The training engine on a tiny stand-in detector: exact resume, atomic checkpoints, refusing a
+checkpoint of another model, and two gloo processes equal to one process with the doubled batch.
+(The same engine runs the real detectors; methods' one-step runs exercise that path.)"""
+import argparse
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from common import engine
+
+
+class NoisyBoxes(torch.utils.data.Dataset):
+    """Random images whose single target box is a function of the image; the random flip in
+    __getitem__ draws from torch's global RNG, like the real augmentations."""
+
+    def __init__(self, n=24, augment=True):
+        g = torch.Generator().manual_seed(123)
+        self.images = torch.rand(n, 3, 8, 8, generator=g)
+        self.augment = augment
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = self.images[i]
+        if self.augment and torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        box = img.mean((1, 2)).clamp(0.05, 0.95)
+        box = torch.cat([box[:2], box[1:]])[:4]
+        return img, {"boxes": box[None], "labels": torch.zeros(1, dtype=torch.int64),
+                     "image_id": i}
+
+
+def collate(batch):
+    images = torch.stack([b[0] for b in batch]).contiguous()
+    masks = torch.zeros(images.shape[0], 8, 8, dtype=torch.bool)
+    return images, masks, [b[1] for b in batch]
+
+
+class TinyDetector(nn.Module):
+    def __init__(self, width=8, dropout=0.1):
+        super().__init__()
+        self.backbone = nn.Conv2d(3, width, 3, padding=1)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, images, masks):
+        x = self.backbone(images).relu().mean((2, 3))
+        return self.head(self.drop(x)).sigmoid()
+
+
+class Trainer(nn.Module):
+    """The training-module protocol: forward -> named losses, weight_dict, .student."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+        self.weight_dict = {"loss_bbox": 5.0}
+
+    def forward(self, images, masks, targets):
+        pred = self.student(images, masks)
+        tgt = torch.cat([t["boxes"] for t in targets])
+        return {"loss_bbox": (pred - tgt).abs().mean()}
+
+
+def build(seed, dropout=0.1, width=8, lr=1e-2):
+    torch.manual_seed(seed)
+    module = Trainer(TinyDetector(width, dropout))
+    opt = torch.optim.AdamW(engine.param_groups(module, lr, lr * 0.1), weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    return module, opt, sched
+
+
+def run(module, opt, sched, loader, out, start, epochs):
+    args = argparse.Namespace(seed=0)
+    return engine.fit(module, opt, sched, loader, args=args, dist_info=engine.DistInfo(),
+                      output_dir=out, start_epoch=start, epochs=epochs, verbose=False)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    data = NoisyBoxes()
+    loader = engine.make_loader(data, 4, collate, train=True, seed=7)
+
+    module, opt, sched = build(0)
+    engine.seed_everything(7)
+    run(module, opt, sched, loader, str(tmp_path / "full"), 0, 4)
+    full = {k: v.clone() for k, v in module.student.state_dict().items()}
+
+    module, opt, sched = build(0)
+    engine.seed_everything(7)
+    run(module, opt, sched, loader, str(tmp_path / "cut"), 0, 2)  # "interrupted" after epoch 1
+    torch.manual_seed(999)  # the process dies; whatever RNG state a new process has
+    module, opt, sched = build(1)  # a fresh process builds a differently initialised model
+    start = engine.resume(module, opt, sched, str(tmp_path / "cut" / "checkpoint.pth"))
+    assert start == 2
+    run(module, opt, sched, loader, str(tmp_path / "cut"), start, 4)
+    for k, v in module.student.state_dict().items():
+        assert torch.equal(v, full[k]), k
+    lines = (tmp_path / "cut" / "log.txt").read_text().splitlines()
+    assert [int(__import__("json").loads(x)["epoch"]) for x in lines] == [0, 1, 2, 3]
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    engine.save_checkpoint({"epoch": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        engine.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert engine.load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def test_resume_refuses_another_model(tmp_path):
+    data = NoisyBoxes(8)
+    loader = engine.make_loader(data, 4, collate, train=True)
+    module, opt, sched = build(0, width=8)
+    run(module, opt, sched, loader, str(tmp_path), 0, 1)
+    other, opt2, sched2 = build(0, width=16)
+    with pytest.raises(ValueError, match=r"does not fit.*backbone.weight: \(8, 3, 3, 3\) vs "
+                                         r"model \(16, 3, 3, 3\)"):
+        engine.resume(other, opt2, sched2, str(tmp_path / "checkpoint.pth"))
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        engine.resume(other, opt2, sched2, str(tmp_path / "nope.pth"))
+
+
+def test_missing_checkpoint_entries_named(tmp_path):
+    path = str(tmp_path / "weights.pth")
+    engine.save_checkpoint({"model": {}}, path)
+    module, opt, sched = build(0)
+    with pytest.raises(ValueError, match="no 'optimizer' entry"):
+        engine.resume(module, opt, sched, path)
+
+
+def test_non_finite_loss_is_reported():
+    module, opt, sched = build(0)
+    module.weight_dict = {"loss_bbox": float("inf")}
+    loader = engine.make_loader(NoisyBoxes(8), 4, collate, train=True)
+    with pytest.raises(FloatingPointError, match="iteration 0"):
+        engine.train_one_epoch(module, loader, opt, torch.device("cpu"), 0, verbose=False)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, steps, batch, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = engine.init_distributed("cpu")
+    module, opt, sched = build(0, dropout=0.0)
+    ddp = torch.nn.parallel.DistributedDataParallel(module)
+    loader = engine.make_loader(NoisyBoxes(augment=False), batch, collate, train=True, seed=3,
+                                dist_info=info)
+    engine.train_one_epoch(ddp, loader, opt, info.device, 0, max_iters=steps, verbose=False)
+    if rank == 0:
+        torch.save(module.student.state_dict(), out)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_with_doubled_batch(tmp_path):
+    steps, batch = 3, 2
+    out = str(tmp_path / "ddp.pth")
+    mp.spawn(_worker, args=(2, _free_port(), steps, batch, out), nprocs=2, join=True)
+    ddp_state = torch.load(out)
+
+    module, opt, sched = build(0, dropout=0.0)
+    loader = engine.make_loader(NoisyBoxes(augment=False), 2 * batch, collate, train=True,
+                                seed=3)
+    engine.train_one_epoch(module, loader, opt, torch.device("cpu"), 0, max_iters=steps,
+                           verbose=False)
+    for k, v in module.student.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
