@@ -1,0 +1,950 @@
+#!/usr/bin/env python
+"""Kernel benchmark: detrkd's ops against their fallbacks and the anchors a user would pick.
+
+One run prints a table of medians and checks parity in the same run; --json writes the same
+numbers for machines. Sections (select with --only):
+
+  msda   multi-scale deformable attention (common.ops.ms_deform_attn), forward and
+         forward+backward: ours (the extension) vs the grid_sample fallback
+         (common.ops.ms_deform_attn_fallback), plus on CUDA the official Deformable-DETR kernel
+         when bench/build_official_msda.sh has built it. Shapes: batch 2, 8 heads x 32 channels,
+         4 levels x 4 points; an encoder call (CPU: levels 64x64, 32x32, 16x16, 8x8, Q = S =
+         5,440; CUDA: the real 100x150, 50x75, 25x38, 13x19, Q = S = 19,947) and decoder calls
+         (Q = 300 and 900 over the real levels); sampling locations clustered around reference
+         points (as trained offsets are) and uniform over [-0.1, 1.1] (includes points outside
+         the map; a few sit exactly on its borders). Reports ns per sample point (B*Q*H*L*P).
+         Parity: max error of the output and of all three gradients against the fallback run
+         in float64 on the same inputs. On CUDA also fp16 and bf16, timed with CUDA events,
+         both with a warm L2 and with the L2 flushed (a 256 MB buffer is written between reps).
+  cost   matching cost alone at B = 16 x Q in {300, 900} x T in {7, 20, 100}, 91 classes:
+         ours (common.ops.match_cost) vs the compact eager path (its fallback). Parity: max
+         error against a float64 computation with torchvision's generalized_box_iou.
+  lsa    assignment alone on those costs: ours (common.ops.linear_sum_assignment) vs scipy
+         image by image vs lapx's lapjvh_batch / lapjvr_batch (when lapx is installed). Parity:
+         assignments identical to scipy's on the same matrix.
+  match  one decoder layer's matching, targets given as DETR's list of dicts: ours (pad the
+         targets, match_cost, linear_sum_assignment) vs the reference DETR matcher (flattened
+         (B*Q, sum T) cost with cdist and torchvision GIoU, .cpu(), scipy per image) vs a
+         compact per-image torch cost + scipy. Parity: our assignments equal the reference
+         matcher's (or, at a near-tie, have the same float64 total cost).
+         On CUDA the whole call is timed with the host transfers, as a user pays it.
+
+Timing: one warm-up call, then repetitions until at least --reps of them and 0.5 s have run
+(a repetition calls a fast function several times so that it lasts >= 2 ms); the table shows
+the median time of one call. The slow contenders (the grid_sample fallback at the encoder
+shape, the reference DETR matcher) get --slow-reps repetitions (default 3) to keep a full CPU
+run to a few minutes; the table marks how many repetitions each row had. Ratios ("x") are the
+baseline's median over the row's median, both from this run.
+
+Threads: torch.set_num_threads(--threads) (default 1) for every contender, stated in the
+output; lapx gets the same n_threads; scipy is single-threaded. --also-threads 2 adds rows for
+the threaded contenders (ours, the fallback, lapx) at 2 threads. On a shared machine use one
+thread for ratios.
+
+An op whose extension is not built or not implemented yet is reported as unavailable and the
+run goes on. The exit status is 1 when any parity check fails, else 0.
+
+Examples:
+  python bench/kernels.py                      # full CPU table (+ CUDA when a GPU is present)
+  python bench/kernels.py --quick              # tiny shapes, seconds (the smoke test)
+  python bench/kernels.py --only msda --also-threads 2 --json msda.json
+  python bench/kernels.py --device cuda        # GPU rows only (official kernel when built)
+  DETRKD_OPS=fallback python bench/kernels.py  # our rows show as unavailable
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for p in (ROOT, HERE):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import anchors  # noqa: E402  (bench/anchors.py)
+from common import ops  # noqa: E402
+
+# ------------------------------------------------------------------------------------------
+# Shapes (performance.md 3.2, 3.4 and 1.3)
+# ------------------------------------------------------------------------------------------
+
+MSDA_HEADS, MSDA_CHANNELS, MSDA_POINTS, MSDA_BATCH = 8, 32, 4, 2
+REAL_LEVELS = [(100, 150), (50, 75), (25, 38), (13, 19)]  # an 800x1200 image, strides 8..64
+CPU_ENCODER_LEVELS = [(64, 64), (32, 32), (16, 16), (8, 8)]  # S = 5,440: fits a CPU budget
+DECODER_QUERIES = (300, 900)
+MATCH_BATCH, MATCH_CLASSES = 16, 91
+MATCH_SHAPES = [(300, 7), (300, 20), (300, 100), (900, 7), (900, 20), (900, 100)]
+QUICK_LEVELS = [(12, 16), (6, 8)]
+QUICK_MATCH_SHAPES = [(40, 5), (60, 12)]
+QUICK_MATCH_BATCH = 4
+
+# Parity tolerances on max|ours - ref| / max|ref| against the float64 reference.
+MSDA_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+COST_RTOL = 2e-6  # fp32 cost vs float64: a few ulp of the largest entry
+L2_FLUSH_BYTES = 256 << 20  # > the 50 MB L2 of an H100
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------
+
+class Unavailable(Exception):
+    """A contender that cannot run here (not built, not implemented yet, wrong device)."""
+
+
+def _is_unimplemented(err):
+    msg = str(err).lower()
+    return "not implemented" in msg or "not compiled" in msg
+
+
+def time_wall(fn, min_reps, min_time, sync=None):
+    """Median wall time of one call of ``fn`` (seconds) and the number of repetitions.
+
+    One warm-up call, then repetitions until ``min_reps`` and ``min_time`` are both reached.
+    A repetition calls a fast ``fn`` several times so that it lasts >= 2 ms (perf_counter
+    resolution and Python overhead then stay below 1 %). ``sync`` (e.g. cuda.synchronize) runs
+    after each call inside the timed region: what the caller waits for.
+    """
+    def call():
+        fn()
+        if sync is not None:
+            sync()
+    t0 = time.perf_counter()
+    call()
+    warm = time.perf_counter() - t0
+    number = 1 if warm >= 2e-3 else max(1, int(2e-3 / max(warm, 1e-7)))
+    times, start = [], time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < 1000):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            call()
+        times.append((time.perf_counter() - t0) / number)
+    return statistics.median(times), len(times)
+
+
+def time_cuda_events(fn, reps, flush=None):
+    """Median GPU time of ``fn`` (seconds) by CUDA events, after 3 warm-up calls. With
+    ``flush`` (a large tensor) the L2 is evicted before each repetition, outside the timing."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    pairs = []
+    for _ in range(reps):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) / 1e3 for s, e in pairs), reps
+
+
+class Bench:
+    """Runs contenders, keeps result rows and parity rows, prints and writes them."""
+
+    def __init__(self, args):
+        self.args = args
+        self.rows, self.parity = [], []
+        self.quick = args.quick
+        self.flush = None
+
+    # -- timing one contender --------------------------------------------------------------
+    def measure(self, section, case, contender, fn, *, device, threads, dtype="fp32",
+                variant="", items=None, unit="", baseline=None, slow=False, l2=None,
+                use_events=False, note=""):
+        row = dict(section=section, case=case, variant=variant, contender=contender,
+                   device=device, dtype=dtype, threads=threads if device == "cpu" else None,
+                   timing=l2 or ("wall" if device == "cpu" or not use_events else "events"),
+                   median_s=None, reps=0, items=items, unit=unit, baseline=baseline,
+                   speedup=None, status="ok", note=note)
+        reps = self.args.slow_reps if slow else self.args.reps
+        min_time = 0.0 if slow else (0.05 if self.quick else 0.5)
+        try:
+            if device == "cuda" and use_events:
+                flush = self._flush_buffer() if l2 == "L2 flushed" else None
+                row["median_s"], row["reps"] = time_cuda_events(fn, max(reps, 20), flush)
+            else:
+                sync = torch.cuda.synchronize if device == "cuda" else None
+                row["median_s"], row["reps"] = time_wall(fn, reps, min_time, sync)
+        except Unavailable as e:
+            row["status"], row["note"] = "unavailable", str(e)
+        except (RuntimeError, NotImplementedError) as e:
+            if not _is_unimplemented(e):
+                raise
+            row["status"], row["note"] = "unavailable", str(e).strip().splitlines()[0]
+        self.rows.append(row)
+        self._echo(row)
+        return row
+
+    def _flush_buffer(self):
+        if self.flush is None:
+            self.flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
+        return self.flush
+
+    def check(self, section, case, contender, device, passed, detail, variant="", dtype="",
+              threads=None, status="ok", errors=None):
+        row = dict(section=section, case=case, variant=variant, contender=contender,
+                   device=device, dtype=dtype, threads=threads, passed=passed, detail=detail,
+                   status=status, errors=errors)
+        self.parity.append(row)
+        flag = {True: "ok  ", False: "FAIL", None: "--  "}[passed]
+        print(f"    parity {flag} {contender:24s} {variant:10s} {dtype:5s} {detail}", flush=True)
+        return row
+
+    def _echo(self, row):
+        if self.args.verbose:
+            t = "unavailable" if row["median_s"] is None else _fmt_time(row["median_s"])
+            print(f"      {row['contender']:24s} {row['variant']:20s} {t}", flush=True)
+
+    # -- output -----------------------------------------------------------------------------
+    def finish_ratios(self):
+        """speedup = baseline median / row median, with the baseline from the same group."""
+        index = {}
+        for r in self.rows:
+            key = (r["section"], r["case"], r["variant"], r["device"], r["dtype"],
+                   r["threads"], r["timing"])
+            index[key + (r["contender"],)] = r
+        for r in self.rows:
+            key = (r["section"], r["case"], r["variant"], r["device"], r["dtype"],
+                   r["threads"], r["timing"])
+            base = index.get(key + (r["baseline"],))
+            if base and base["median_s"] and r["median_s"]:
+                r["speedup"] = base["median_s"] / r["median_s"]
+
+    def print_tables(self):
+        titles = {"msda": "Deformable attention (ms_deform_attn)",
+                  "cost": "Matching cost alone (match_cost)",
+                  "lsa": "Assignment alone (linear_sum_assignment)",
+                  "match": "Matching per decoder layer (cost + assignment)"}
+        for section, title in titles.items():
+            rows = [r for r in self.rows if r["section"] == section]
+            if not rows:
+                continue
+            base = rows[0]["baseline"]
+            print(f"\n== {title}: medians; x = {base} time / row time ==")
+            head = (f"{'device':6s} {'thr':>3s} {'case':31s} {'variant':18s} {'dtype':5s} "
+                    f"{'timing':10s} {'contender':24s} {'median':>10s} {'reps':>4s} "
+                    f"{'per item':>12s} {'x':>8s}")
+            print(head)
+            print("-" * len(head))
+            for r in rows:
+                thr = "-" if r["threads"] is None else str(r["threads"])
+                if r["median_s"] is None:
+                    tail = f"unavailable: {r['note']}"
+                else:
+                    per = ""
+                    if r["items"]:
+                        scale = 1e6 if r["unit"].startswith("us") else 1e9
+                        per = f"{r['median_s'] / r['items'] * scale:.1f} {r['unit']}"
+                    x = f"{r['speedup']:.2f}x" if r["speedup"] else ""
+                    tail = (f"{_fmt_time(r['median_s']):>10s} {r['reps']:>4d} {per:>12s} "
+                            f"{x:>8s}")
+                print(f"{r['device']:6s} {thr:>3s} {r['case']:31s} {r['variant']:18s} "
+                      f"{r['dtype']:5s} {r['timing']:10s} {r['contender']:24s} {tail}")
+
+    def print_parity(self):
+        fails = [p for p in self.parity if p["passed"] is False]
+        print(f"\n== Parity: {len(self.parity)} checks, {len(fails)} failed ==")
+        for p in fails:
+            print(f"  FAIL {p['section']} {p['case']} {p['variant']} {p['dtype']} "
+                  f"{p['contender']} ({p['device']}): {p['detail']}")
+
+    def print_targets(self):
+        """Issue 2 item 5 targets, read off this run's rows (CPU, --threads)."""
+        t = self.args.threads
+
+        def med(section, case, contender, variant=None, device="cpu"):
+            for r in self.rows:
+                if (r["section"], r["case"], r["contender"], r["device"]) == \
+                        (section, case, contender, device) and r["threads"] in (t, None) and \
+                        (variant is None or r["variant"] == variant) and r["median_s"]:
+                    return r
+            return None
+        lines = []
+        for variant in ("clustered fwd", "clustered fwd+bwd", "uniform fwd", "uniform fwd+bwd"):
+            r = next((r for r in self.rows if r["section"] == "msda" and r["device"] == "cpu"
+                      and r["case"].startswith("encoder") and r["variant"] == variant
+                      and r["contender"] == "ours" and r["threads"] == t and r["speedup"]),
+                     None)
+            goal = 10 if variant.endswith("fwd") else 5
+            if r:
+                lines.append(f"  msda encoder {variant:18s} ours vs fallback {r['speedup']:7.2f}x "
+                             f"(goal >= {goal}x) {'met' if r['speedup'] >= goal else 'NOT met'}")
+        case = f"{MATCH_BATCH}x900x20"
+        r = med("match", case, "ours")
+        if r:
+            lines.append(f"  match {case} ours {_fmt_time(r['median_s'])} per layer (goal <= 1 ms) "
+                         f"{'met' if r['median_s'] <= 1e-3 else 'NOT met'}")
+        for q, tt in ((900, 20), (300, 100)):
+            case = f"{MATCH_BATCH}x{q}x{tt}"
+            ours, sc = med("lsa", case, "ours"), med("lsa", case, "scipy loop")
+            lapx = [med("lsa", case, n) for n in ("lapx lapjvh_batch", "lapx lapjvr_batch")]
+            lapx = [x for x in lapx if x]
+            if ours and sc:
+                s = sc["median_s"] / ours["median_s"]
+                lines.append(f"  lsa {case} ours vs scipy loop {s:7.2f}x (goal >= 7x) "
+                             f"{'met' if s >= 7 else 'NOT met'}")
+            if ours and lapx:
+                best = min(x["median_s"] for x in lapx)
+                s = best / ours["median_s"]
+                lines.append(f"  lsa {case} ours vs best lapx  {s:7.2f}x (goal >= 2x) "
+                             f"{'met' if s >= 2 else 'NOT met'}")
+        lines += self._cuda_targets()
+        if lines:
+            print(f"\n== Targets (issue 2 item 5; CPU, {t} thread{'s' if t > 1 else ''}) ==")
+            print("\n".join(lines))
+
+    def _cuda_targets(self):
+        """GPU targets: MSDA forward+backward >= 2x the official kernel; cost in one launch."""
+        lines = []
+        for timing in ("warm L2", "L2 flushed"):
+            for variant in ("clustered fwd+bwd", "uniform fwd+bwd"):
+                pick = {r["contender"]: r for r in self.rows
+                        if r["section"] == "msda" and r["device"] == "cuda"
+                        and r["case"].startswith("encoder") and r["variant"] == variant
+                        and r["dtype"] == "fp32" and r["timing"] == timing and r["median_s"]}
+                ours, official = pick.get("ours"), pick.get("official Deformable-DETR")
+                if ours and official:
+                    s = official["median_s"] / ours["median_s"]
+                    lines.append(f"  cuda msda encoder {variant} ({timing}) ours vs official "
+                                 f"{s:.2f}x (goal >= 2x) {'met' if s >= 2 else 'NOT met'}")
+        for p in self.parity:
+            if p["section"] == "cost" and p["contender"] == "ours (launches)":
+                lines.append(f"  cuda match_cost {p['case']}: {p['detail']} (goal: one launch)")
+        return lines
+
+    def write_json(self, path):
+        meta = dict(
+            command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+            date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            machine=platform.node(), cpu=_cpu_name(), cpu_count=os.cpu_count(),
+            platform=platform.platform(), python=platform.python_version(),
+            torch=torch.__version__, torch_cuda=torch.version.cuda,
+            gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            threads=self.args.threads, also_threads=self.args.also_threads,
+            quick=self.args.quick, class_cost=self.args.class_cost,
+            ops_backend=ops.describe(), versions=_versions())
+        with open(path, "w") as f:
+            json.dump(dict(meta=meta, results=self.rows, parity=self.parity), f, indent=1)
+        print(f"\nwrote {path}")
+
+
+def _fmt_time(s):
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _versions():
+    out = {}
+    for name in ("numpy", "scipy", "torchvision", "lap"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            out[name] = None
+    return out
+
+
+def _dtype_name(dtype):
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+            torch.float64: "fp64"}[dtype]
+
+
+def _rel_err(x, ref):
+    """max |x - ref| / max |ref| (and the absolute max), in float64."""
+    diff = (x.double() - ref).abs().max().item() if ref.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    return diff / max(scale, 1e-30), diff
+
+
+# ------------------------------------------------------------------------------------------
+# Deformable attention
+# ------------------------------------------------------------------------------------------
+
+def msda_inputs(levels, batch, queries, locs, encoder, seed=0):
+    """Float64 CPU inputs of one deformable-attention call (cast per contender later).
+
+    value (B, S, H, Dh); spatial_shapes (L, 2); level_start_index (L,);
+    sampling_locations (B, Q, H, L, P, 2) x,y in [0, 1] over each level; attention_weights
+    (B, Q, H, L, P) softmaxed over L*P; grad_output (B, Q, H*Dh).
+
+    Reference points: for the encoder (Q = S) each query sits at the centre of its own token
+    (Deformable DETR's encoder reference points); for the decoder they are uniform in
+    [0.05, 0.95]. "clustered" locations add offsets of about 2 pixels at each level to the
+    reference point (trained offsets are a few pixels); "uniform" draws over [-0.1, 1.1], so
+    some points fall outside the map. A few points sit exactly on the map's borders (0 and 1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    H, Dh, P, L = MSDA_HEADS, MSDA_CHANNELS, MSDA_POINTS, len(levels)
+    B, Q = batch, queries
+    shapes = torch.tensor(levels, dtype=torch.int64)  # (L, 2) as (H_l, W_l)
+    hw = shapes.prod(1)
+    start = torch.cumsum(hw, 0) - hw
+    S = int(hw.sum())
+    value = torch.randn(B, S, H, Dh, generator=g, dtype=torch.float64)
+    attn = torch.randn(B, Q, H, L * P, generator=g, dtype=torch.float64).softmax(-1)
+    attn = attn.view(B, Q, H, L, P)
+    wh = shapes.flip(1).to(torch.float64)  # (L, 2) as (W_l, H_l), matching x, y
+    if locs == "clustered":
+        if encoder:
+            assert Q == S, "encoder queries are the tokens themselves"
+            ref = torch.cat([_token_centres(h, w) for h, w in levels])  # (S, 2)
+            ref = ref[None].expand(B, Q, 2)
+        else:
+            ref = 0.05 + 0.9 * torch.rand(B, Q, 2, generator=g, dtype=torch.float64)
+        offsets = 2.0 * torch.randn(B, Q, H, L, P, 2, generator=g, dtype=torch.float64)
+        loc = ref[:, :, None, None, None, :] + offsets / wh[:, None, :]  # (B, Q, H, L, P, 2)
+    elif locs == "uniform":
+        loc = -0.1 + 1.2 * torch.rand(B, Q, H, L, P, 2, generator=g, dtype=torch.float64)
+    else:
+        raise ValueError(locs)
+    # Exactly on the borders: x = 0 / 1 and y = 0 / 1 for the first query's first points.
+    flat = loc.view(-1, 2)
+    n = min(8, flat.shape[0])
+    flat[:n, 0] = torch.tensor([0.0, 1.0] * 4)[:n]
+    flat[:n, 1] = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 1.0, 0.0])[:n]
+    loc = _away_from_kinks(loc, wh)
+    grad_out = torch.randn(B, Q, H * Dh, generator=g, dtype=torch.float64)
+    return dict(value=value, spatial_shapes=shapes, level_start_index=start,
+                sampling_locations=loc, attention_weights=attn, grad_output=grad_out)
+
+
+def _token_centres(h, w):
+    """(h*w, 2) normalised x, y of the centres of an h x w map, row-major."""
+    ys, xs = torch.meshgrid((torch.arange(h, dtype=torch.float64) + 0.5) / h,
+                            (torch.arange(w, dtype=torch.float64) + 0.5) / w, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], -1)
+
+
+def _away_from_kinks(loc, wh):
+    """Nudge locations within 1e-3 pixel of a pixel-centre line off it.
+
+    Bilinear sampling is continuous but its derivative with respect to the location jumps
+    where x * W - 0.5 is an integer. An fp32 kernel and the float64 reference can round such a
+    point to opposite sides and then report different (both correct) one-sided gradients,
+    which is not a kernel error. tests/ covers those exact points on small inputs.
+    """
+    px = loc * wh[:, None, :] - 0.5  # (B, Q, H, L, P, 2) in pixels
+    near = (px - px.round()).abs() < 1e-3
+    return torch.where(near, loc + 2e-3 / wh[:, None, :], loc)
+
+
+def _cast_msda(inp, device, dtype, requires_grad):
+    out = {}
+    for k, v in inp.items():
+        if k in ("spatial_shapes", "level_start_index"):
+            out[k] = v.to(device)
+        else:
+            out[k] = v.to(device=device, dtype=dtype).contiguous()
+            if requires_grad and k != "grad_output":
+                out[k].requires_grad_(True)
+    return out
+
+
+def _msda_call(impl, x):
+    if impl is ops.ms_deform_attn_fallback:
+        return impl(x["value"], x["spatial_shapes"], x["sampling_locations"],
+                    x["attention_weights"])
+    return impl(x["value"], x["spatial_shapes"], x["level_start_index"],
+                x["sampling_locations"], x["attention_weights"])
+
+
+def _msda_fwd_bwd(impl, x):
+    """Output and gradients (value, locations, weights) of one call."""
+    out = _msda_call(impl, x)
+    grads = torch.autograd.grad(out, [x["value"], x["sampling_locations"],
+                                      x["attention_weights"]], x["grad_output"])
+    return out, grads
+
+
+def run_msda(bench, device, threads, extra_threads=False):
+    args = bench.args
+    on_cuda = device == "cuda"
+    if bench.quick:
+        cases = [("encoder", QUICK_LEVELS, sum(h * w for h, w in QUICK_LEVELS)),
+                 ("decoder", QUICK_LEVELS, 50)]
+        batch = 1
+    else:
+        enc_levels = REAL_LEVELS if on_cuda else CPU_ENCODER_LEVELS
+        cases = [("encoder", enc_levels, sum(h * w for h, w in enc_levels))]
+        cases += [("decoder", REAL_LEVELS, q) for q in DECODER_QUERIES]
+        batch = MSDA_BATCH
+    dtypes = [torch.float32] + ([torch.float16, torch.bfloat16] if on_cuda else [])
+    ours_ok = ops.backend(device) == "ext"
+    official, official_why = anchors.official_msda() if on_cuda else (None, None)
+    if on_cuda and official is None and not extra_threads:
+        print(f"  note: official Deformable-DETR kernel skipped: {official_why}")
+    timings = ["warm L2", "L2 flushed"] if on_cuda else [None]
+    for kind, levels, Q in cases:
+        lv = "x".join(f"{h}x{w}" for h, w in levels[:1]) + (f"..{levels[-1][0]}x{levels[-1][1]}"
+                                                            if len(levels) > 1 else "")
+        case = f"{kind} {batch}x{Q}q {lv}"
+        points = batch * Q * MSDA_HEADS * len(levels) * MSDA_POINTS
+        slow_fallback = (kind == "encoder" and not bench.quick and not on_cuda)
+        for locs in ("clustered", "uniform"):
+            print(f"  [{device}{'' if on_cuda else f', {threads} thr'}] msda {case} {locs}",
+                  flush=True)
+            inp = msda_inputs(levels, batch, Q, locs, encoder=(kind == "encoder"))
+            for dtype in dtypes:
+                dn = _dtype_name(dtype)
+                contenders = [("ours", ops.ms_deform_attn if ours_ok else None),
+                              ("fallback", ops.ms_deform_attn_fallback)]
+                if on_cuda and dtype == torch.float32:
+                    contenders.append(("official Deformable-DETR", official))
+                if extra_threads:  # only the threaded contenders get the extra rows
+                    contenders = [c for c in contenders if c[0] in ("ours", "fallback")]
+                for pas in ("fwd", "fwd+bwd"):
+                    x = _cast_msda(inp, device, dtype, requires_grad=(pas == "fwd+bwd"))
+                    for timing in timings:
+                        for name, impl in contenders:
+                            if impl is None:
+                                why = (official_why if name.startswith("official") else
+                                       f"extension not active on {device} ({_why_no_ext()})")
+                                fn = _raiser(why)
+                            elif pas == "fwd":
+                                fn = (lambda impl=impl, x=x: _no_grad_call(impl, x))
+                            else:
+                                fn = (lambda impl=impl, x=x: _msda_fwd_bwd(impl, x))
+                            bench.measure("msda", case, name, fn, device=device,
+                                          threads=threads, dtype=dn, variant=f"{locs} {pas}",
+                                          items=points, unit="ns/pt", baseline="fallback",
+                                          slow=(name == "fallback" and slow_fallback), l2=timing,
+                                          use_events=on_cuda)
+                # Parity: every available contender except the fallback itself vs float64.
+                ref = None
+                for name, impl in contenders:
+                    if name == "ours" and impl is None:
+                        bench.check("msda", case, name, device, None,
+                                    f"unavailable: extension not active ({_why_no_ext()})",
+                                    variant=locs, dtype=dn, threads=threads,
+                                    status="unavailable")
+                    if name == "fallback" or impl is None:
+                        continue
+                    if ref is None:
+                        ref = _msda_reference(inp, device, dtype)
+                    _msda_parity(bench, case, locs, name, impl, inp, ref, device, dtype,
+                                 threads)
+
+
+def _no_grad_call(impl, x):
+    with torch.no_grad():
+        return _msda_call(impl, x)
+
+
+def _raiser(why):
+    def fn():
+        raise Unavailable(why)
+    return fn
+
+
+def _why_no_ext():
+    return "DETRKD_OPS=fallback" if os.environ.get("DETRKD_OPS", "").lower() == "fallback" \
+        else "not built with it"
+
+
+def _msda_reference(inp, device, dtype):
+    """The fallback in float64 on the contender's inputs (rounded to ``dtype``, then widened):
+    [output, d value, d locations, d weights]."""
+    x = _cast_msda(inp, device, dtype, requires_grad=False)
+    x = {k: (v.double().requires_grad_(k != "grad_output") if v.is_floating_point() else v)
+         for k, v in x.items()}
+    out, grads = _msda_fwd_bwd(ops.ms_deform_attn_fallback, x)
+    return [out.detach()] + [g.detach() for g in grads]
+
+
+def _msda_parity(bench, case, locs, name, impl, inp, ref, device, dtype, threads):
+    dn = _dtype_name(dtype)
+    try:
+        x = _cast_msda(inp, device, dtype, requires_grad=True)
+        got_out, got_grads = _msda_fwd_bwd(impl, x)
+    except (RuntimeError, NotImplementedError) as e:
+        if not _is_unimplemented(e):
+            raise
+        return bench.check("msda", case, name, device, None, "unavailable", variant=locs,
+                           dtype=dn, threads=threads, status="unavailable")
+    names = ("out", "d value", "d loc", "d weight")
+    errs = [_rel_err(g, r) for g, r in zip([got_out, *got_grads], ref)]
+    tol = MSDA_RTOL[dtype]
+    passed = all(rel <= tol for rel, _ in errs)
+    detail = ", ".join(f"{n} {rel:.1e} ({ab:.1e})" for n, (rel, ab) in zip(names, errs))
+    detail += f"; max err / max|ref| (max abs err), tol {tol:.0e}, vs float64 fallback"
+    errors = {n: dict(max_abs=ab, rel_to_max=rel) for n, (rel, ab) in zip(names, errs)}
+    return bench.check("msda", case, name, device, passed, detail, variant=locs, dtype=dn,
+                       threads=threads, errors=errors)
+
+
+# ------------------------------------------------------------------------------------------
+# Matching: inputs
+# ------------------------------------------------------------------------------------------
+
+def match_inputs(batch, queries, num_targets, device, seed=0):
+    """DETR-like decoder outputs and targets.
+
+    pred_logits (B, Q, 91) ~ N(-3, 2) (most queries confident of nothing, a few of something);
+    pred_boxes (B, Q, 4) and each image's T target boxes: normalised cxcywh with centres in
+    [0.1, 0.9] and log-uniform sizes in [0.02, 0.6] (COCO's spread of small to large objects);
+    labels uniform over the 91 classes. targets follow the collate contract (list of dicts).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def boxes(*shape):
+        c = 0.1 + 0.8 * torch.rand(*shape, 2, generator=g)
+        wh = torch.exp(math.log(0.02) + (math.log(0.6) - math.log(0.02)) *
+                       torch.rand(*shape, 2, generator=g))
+        return torch.cat([c, wh], -1)
+    logits = -3.0 + 2.0 * torch.randn(batch, queries, MATCH_CLASSES, generator=g)
+    pred_boxes = boxes(batch, queries)
+    targets = [dict(labels=torch.randint(0, MATCH_CLASSES, (num_targets,), generator=g).to(device),
+                    boxes=boxes(num_targets).to(device)) for _ in range(batch)]
+    return logits.to(device), pred_boxes.to(device), targets
+
+
+def pad_targets(targets, device):
+    """List of dicts -> tgt_labels (B, T_max), tgt_boxes (B, T_max, 4), num_targets (B,)."""
+    sizes = [len(t["labels"]) for t in targets]
+    T = max(sizes, default=0)
+    labels = torch.zeros(len(targets), T, dtype=torch.int64, device=device)
+    boxes = torch.zeros(len(targets), T, 4, device=device)
+    for b, t in enumerate(targets):
+        labels[b, :sizes[b]] = t["labels"]
+        boxes[b, :sizes[b]] = t["boxes"]
+    return labels, boxes, torch.tensor(sizes, dtype=torch.int64).to(device), sizes
+
+
+def cost_weights(class_cost):
+    """Matcher weights of Deformable DETR (focal: 2, 5, 2) or DETR (softmax: 1, 5, 2)."""
+    w_class = 2.0 if class_cost == "focal" else 1.0
+    return dict(class_cost=class_cost, w_class=w_class, w_bbox=5.0, w_giou=2.0)
+
+
+def ours_cost(logits, boxes, padded, kw):
+    labels, tboxes, num, _ = padded
+    return ops.match_cost(logits, boxes, labels, tboxes, num, **kw)
+
+
+def ours_matcher(logits, boxes, targets, kw):
+    """One decoder layer with our ops, from DETR's list-of-dicts targets."""
+    padded = pad_targets(targets, logits.device)
+    cost = ours_cost(logits, boxes, padded, kw)
+    return ops.linear_sum_assignment(cost, padded[3])
+
+
+def _ext_or_raise(device):
+    if ops.backend(device) != "ext":
+        raise Unavailable(f"extension not active on {device} ({_why_no_ext()})")
+
+
+def _assignments_equal(a, b):
+    return all(torch.equal(ra.cpu(), rb.cpu()) and torch.equal(ca.cpu(), cb.cpu())
+               for (ra, ca), (rb, cb) in zip(a, b)) and len(a) == len(b)
+
+
+def _total(cost64, assign):
+    """Float64 total cost of an assignment per image; cost64 is a list of (Q, T_b) arrays."""
+    return [float(c[r.cpu().numpy(), k.cpu().numpy()].sum()) for c, (r, k) in zip(cost64, assign)]
+
+
+def run_matching(bench, device, threads, sections, extra_threads=False):
+    args = bench.args
+    kw = cost_weights(args.class_cost)
+    B = QUICK_MATCH_BATCH if bench.quick else MATCH_BATCH
+    shapes = QUICK_MATCH_SHAPES if bench.quick else MATCH_SHAPES
+    on_cuda = device == "cuda"
+    lapx, lapx_why = anchors.lapx_batch_solvers()
+    for Q, T in shapes:
+        case = f"{B}x{Q}x{T}"
+        print(f"  [{device}{'' if on_cuda else f', {threads} thr'}] matching {case}", flush=True)
+        logits, boxes, targets = match_inputs(B, Q, T, device)
+        padded = pad_targets(targets, device)
+        pairs = B * Q * T
+        # float64 reference cost, independent of our ops: (Q, T_b) per image
+        ref64 = [c.cpu().numpy() for c in anchors.compact_costs(
+            logits, boxes, targets, **kw, dtype=torch.float64)]
+
+        # -- cost alone ----------------------------------------------------------------------
+        ours_fp32 = None
+        if "cost" in sections:
+            def fn_ours():
+                _ext_or_raise(device)
+                return ours_cost(logits, boxes, padded, kw)
+            bench.measure("cost", case, "ours", fn_ours, device=device, threads=threads,
+                          items=pairs, unit="ns/pair", baseline="compact eager (fallback)",
+                          use_events=on_cuda)
+            bench.measure("cost", case, "compact eager (fallback)",
+                          lambda: ops.match_cost_fallback(*([logits, boxes] + list(padded[:3])),
+                                                          **kw),
+                          device=device, threads=threads, items=pairs, unit="ns/pair",
+                          baseline="compact eager (fallback)", use_events=on_cuda)
+            try:
+                _ext_or_raise(device)
+                ours_fp32 = ours_cost(logits, boxes, padded, kw)
+            except (Unavailable, RuntimeError, NotImplementedError) as e:
+                if isinstance(e, (RuntimeError, NotImplementedError)) and \
+                        not _is_unimplemented(e):
+                    raise
+                bench.check("cost", case, "ours", device, None, "unavailable",
+                            threads=threads, status="unavailable")
+            if ours_fp32 is not None:
+                got = ours_fp32.double().cpu()
+                ref = torch.zeros_like(got)
+                for b, c in enumerate(ref64):
+                    ref[b, :, :c.shape[1]] = torch.from_numpy(c)
+                scale = max(1.0, ref.abs().max().item())
+                diff = (got - ref).abs().max().item()
+                bench.check("cost", case, "ours", device, diff <= COST_RTOL * scale * 4,
+                            f"max abs err {diff:.2e} vs float64 (max |cost| {scale:.2f}, "
+                            f"tol {COST_RTOL * scale * 4:.1e}); padded entries "
+                            f"{'zero' if _padding_zero(ours_fp32, padded[3]) else 'NOT zero'}",
+                            threads=threads)
+                if on_cuda:
+                    try:
+                        n = cuda_activity_count(lambda: ours_cost(logits, boxes, padded, kw))
+                        info = f"{n} device activities per call (kernels + copies)"
+                    except Exception as e:  # noqa: BLE001 - the profiler is best effort
+                        info = f"could not count launches: {e}"
+                    bench.check("cost", case, "ours (launches)", device, None, info)
+
+        # -- assignment alone ----------------------------------------------------------------
+        if "lsa" in sections:
+            # The same fp32 (B, Q, T) cost for every solver: ours if it works, else the fallback.
+            cost = ours_fp32 if ours_fp32 is not None else ops.match_cost_fallback(
+                logits, boxes, *padded[:3], **kw)
+            host = cost.cpu().numpy()
+            sizes = padded[3]
+            expect = anchors.scipy_loop([host[b, :, :sizes[b]] for b in range(B)])
+
+            def fn_ours_lsa():
+                _ext_or_raise(device)
+                return ops.linear_sum_assignment(cost, sizes)
+            bench.measure("lsa", case, "ours", fn_ours_lsa, device=device, threads=threads,
+                          items=B, unit="us/image", baseline="scipy loop")
+            bench.measure("lsa", case, "scipy loop",
+                          lambda: anchors.scipy_loop([c[:, :k] for c, k in zip(
+                              cost.cpu().numpy(), sizes)]),
+                          device=device, threads=threads, items=B, unit="us/image",
+                          baseline="scipy loop")
+            host_c = np.ascontiguousarray(host)
+            if not lapx:
+                bench.measure("lsa", case, "lapx batch", _raiser(lapx_why), device=device,
+                              threads=threads, items=B, unit="us/image", baseline="scipy loop")
+            for name, solve in lapx.items():
+                bench.measure("lsa", case, name,
+                              lambda solve=solve: solve(np.ascontiguousarray(
+                                  cost.cpu().numpy()) if on_cuda else host_c, threads),
+                              device=device, threads=threads, items=B, unit="us/image",
+                              baseline="scipy loop")
+                same = _assignments_equal(
+                    [(torch.as_tensor(r), torch.as_tensor(c)) for r, c in solve(host_c, threads)],
+                    expect)
+                bench.check("lsa", case, name, device, same,
+                            "assignments identical to scipy" if same else
+                            "assignments differ from scipy", threads=threads)
+            try:
+                _ext_or_raise(device)
+                got = ops.linear_sum_assignment(cost, sizes)
+                same = _assignments_equal(got, expect)
+                detail = "assignments identical to scipy"
+                if not same:  # not a failure by itself only when the total is equally optimal
+                    t_got = _total([host[b, :, :sizes[b]].astype(np.float64) for b in range(B)],
+                                   got)
+                    t_exp = _total([host[b, :, :sizes[b]].astype(np.float64) for b in range(B)],
+                                   expect)
+                    worst = max(abs(a - e) for a, e in zip(t_got, t_exp))
+                    detail = f"assignments differ from scipy; max total-cost gap {worst:.2e}"
+                bench.check("lsa", case, "ours", device, same, detail, threads=threads)
+            except (Unavailable, RuntimeError, NotImplementedError) as e:
+                if isinstance(e, (RuntimeError, NotImplementedError)) and \
+                        not _is_unimplemented(e):
+                    raise
+                bench.check("lsa", case, "ours", device, None, "unavailable", threads=threads,
+                            status="unavailable")
+
+        # -- whole matcher, one decoder layer ------------------------------------------------
+        if "match" in sections:
+            def fn_ours_match():
+                _ext_or_raise(device)
+                return ours_matcher(logits, boxes, targets, kw)
+            bench.measure("match", case, "ours", fn_ours_match, device=device, threads=threads,
+                          items=pairs, unit="ns/pair", baseline="reference DETR matcher")
+            kept = {}  # the anchors' last results, reused for parity (no extra slow call)
+
+            def keep(name, fn):
+                def run():
+                    kept[name] = fn(logits, boxes, targets, **kw)
+                return run
+            if not extra_threads:
+                bench.measure("match", case, "reference DETR matcher",
+                              keep("reference", anchors.detr_matcher), device=device,
+                              threads=threads, items=pairs, unit="ns/pair",
+                              baseline="reference DETR matcher", slow=not on_cuda)
+                bench.measure("match", case, "compact per-image + scipy",
+                              keep("compact", anchors.compact_matcher), device=device,
+                              threads=threads, items=pairs, unit="ns/pair",
+                              baseline="reference DETR matcher")
+            reference = kept.get("reference") or anchors.detr_matcher(logits, boxes, targets,
+                                                                       **kw)
+            try:
+                _ext_or_raise(device)
+                got = ours_matcher(logits, boxes, targets, kw)
+                same = _assignments_equal(got, reference)
+                t_got, t_ref = _total(ref64, got), _total(ref64, reference)
+                gap = max(abs(a - e) for a, e in zip(t_got, t_ref))
+                ok = same or gap <= 1e-4 * max(1.0, max(abs(e) for e in t_ref))
+                detail = ("assignments identical to the reference DETR matcher" if same else
+                          f"assignments differ; float64 total-cost gap {gap:.2e} "
+                          f"({'an equally optimal tie' if ok else 'worse'})")
+                bench.check("match", case, "ours", device, ok, detail, threads=threads)
+            except (Unavailable, RuntimeError, NotImplementedError) as e:
+                if isinstance(e, (RuntimeError, NotImplementedError)) and \
+                        not _is_unimplemented(e):
+                    raise
+                bench.check("match", case, "ours", device, None, "unavailable",
+                            threads=threads, status="unavailable")
+            compact = kept.get("compact") or anchors.compact_matcher(logits, boxes, targets, **kw)
+            gap = max(abs(a - e) for a, e in zip(_total(ref64, compact),
+                                                 _total(ref64, reference)))
+            bench.check("match", case, "compact per-image + scipy", device, gap <= 1e-4,
+                        f"float64 total-cost gap to the reference matcher {gap:.1e}",
+                        threads=threads)
+
+
+def cuda_activity_count(fn):
+    """Number of device activities (kernel launches, memcpy, memset) one call of ``fn`` makes,
+    read from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _padding_zero(cost, sizes):
+    T = cost.shape[-1]
+    return all(bool((cost[b, :, k:] == 0).all()) for b, k in enumerate(sizes) if k < T)
+
+
+# ------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------
+
+SECTIONS = ("msda", "cost", "lsa", "match")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="bench/kernels.py", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
+                   help="where to run: cpu, cuda, or all (default: cpu, plus cuda when a GPU "
+                        "is present)")
+    p.add_argument("--only", default=",".join(SECTIONS),
+                   help="comma-separated sections to run, from: " + ", ".join(SECTIONS) +
+                        " (default: all)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads for every CPU contender, and lapx's n_threads "
+                        "(default 1)")
+    p.add_argument("--also-threads", type=int, default=None, metavar="N",
+                   help="add CPU rows at N threads for the threaded contenders (ours, the "
+                        "fallback, lapx), e.g. 2")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes and few repetitions: a smoke test that takes seconds")
+    p.add_argument("--reps", type=int, default=None,
+                   help="minimum repetitions per contender (default 7, 5 with --quick)")
+    p.add_argument("--slow-reps", type=int, default=None,
+                   help="repetitions for the slow contenders: the grid_sample fallback at the "
+                        "CPU encoder shape and the reference DETR matcher (default 3)")
+    p.add_argument("--class-cost", choices=("focal", "softmax"), default="focal",
+                   help="matching class cost: focal (Deformable DETR, DINO; weights 2/5/2) or "
+                        "softmax (DETR; weights 1/5/2); default focal")
+    p.add_argument("--json", metavar="PATH", help="also write results and parity as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each timing as it runs")
+    args = p.parse_args(argv)
+    args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    bad = [s for s in args.sections if s not in SECTIONS]
+    if bad or not args.sections:
+        p.error(f"--only takes a comma-separated subset of {', '.join(SECTIONS)}; got {args.only!r}")
+    if args.threads < 1 or (args.also_threads is not None and args.also_threads < 1):
+        p.error("--threads and --also-threads must be >= 1")
+    if args.reps is None:
+        args.reps = 5 if args.quick else 7
+    if args.slow_reps is None:
+        args.slow_reps = 2 if args.quick else 3
+    if args.reps < 1 or args.slow_reps < 1:
+        p.error("--reps and --slow-reps must be >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available to torch here")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    devices = {"cpu": ["cpu"], "cuda": ["cuda"],
+               "all": ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])}[args.device]
+    warnings.filterwarnings("ignore", message="detrkd ops use the slow")
+    torch.set_num_threads(args.threads)
+    print(ops.describe())
+    print(f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores); "
+          f"torch.set_num_threads({args.threads}) -> torch.get_num_threads() = "
+          f"{torch.get_num_threads()}" +
+          (f"; extra rows at {args.also_threads} threads" if args.also_threads else ""))
+    if torch.cuda.is_available():
+        print(f"GPU: {torch.cuda.get_device_name(0)}")
+    lapx, why = anchors.lapx_batch_solvers()
+    print(f"lapx batch solvers: {', '.join(lapx) if lapx else why}")
+    print(f"sections: {', '.join(args.sections)}; devices: {', '.join(devices)}; "
+          f"{'quick shapes' if args.quick else 'full shapes'}; class cost {args.class_cost}\n")
+
+    bench = Bench(args)
+    t0 = time.perf_counter()
+    match_sections = [s for s in args.sections if s != "msda"]
+    for device in devices:
+        runs = [(args.threads, False)]
+        if device == "cpu" and args.also_threads and args.also_threads != args.threads:
+            runs.append((args.also_threads, True))
+        for threads, extra in runs:
+            torch.set_num_threads(threads)
+            if "msda" in args.sections:
+                run_msda(bench, device, threads, extra_threads=extra)
+            if match_sections:
+                run_matching(bench, device, threads, match_sections, extra_threads=extra)
+        torch.set_num_threads(args.threads)
+    bench.finish_ratios()
+    bench.print_tables()
+    bench.print_parity()
+    bench.print_targets()
+    print(f"\ntotal benchmark time {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        bench.write_json(args.json)
+    return 1 if any(p["passed"] is False for p in bench.parity) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Smoke tests of bench/kernels.py: the quick run works end to end, its parity checks pass,
+its JSON parses, and the checks it relies on do catch wrong answers. No timing asserts."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+from torchvision.ops import box_convert, generalized_box_iou
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench", "kernels.py")
+
+
+def _load(name):
+    path = os.path.join(ROOT, "bench", f"{name}.py")
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(os.path.dirname(path))
+    return mod
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return _load("kernels")
+
+
+@pytest.fixture(scope="module")
+def anchors():
+    return _load("anchors")
+
+
+def test_quick_run_passes_parity_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, BENCH, "--quick", "--device", "cpu", "--json",
+                           str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "torch.set_num_threads(1)" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["threads"] == 1 and data["meta"]["quick"] is True
+    sections = {r["section"] for r in data["results"]}
+    assert sections == {"msda", "cost", "lsa", "match"}
+    # Every row is either timed or says why not; the baselines always run.
+    for r in data["results"]:
+        assert (r["status"] == "ok") == (r["median_s"] is not None), r
+        if r["status"] == "ok":
+            assert r["median_s"] > 0 and r["reps"] >= 1
+        else:
+            assert r["note"], r
+    for contender in ("fallback", "compact eager (fallback)", "scipy loop",
+                      "reference DETR matcher"):
+        assert any(r["contender"] == contender and r["status"] == "ok"
+                   for r in data["results"]), contender
+    assert all(p["passed"] is not False for p in data["parity"]), data["parity"]
+    # Our ops are either checked (and passed) or reported unavailable, never silently skipped.
+    for section in ("msda", "cost", "lsa", "match"):
+        ours = [p for p in data["parity"] if p["section"] == section and p["contender"] == "ours"]
+        assert ours, section
+
+
+def test_bad_arguments_give_clear_errors(kernels, capsys):
+    for argv in (["--only", "msda,nope"], ["--threads", "0"], ["--reps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            kernels.parse_args(argv)
+        assert e.value.code == 2
+        assert argv[0] in capsys.readouterr().err
+    args = kernels.parse_args(["--only", "lsa,match", "--quick"])
+    assert args.sections == ["lsa", "match"] and args.threads == 1
+
+
+def test_reference_matcher_agrees_with_independent_float64_cost(anchors, kernels):
+    """The anchor reproduces DETR's cost: check one image block against a float64 formula
+    written out here, and the assignment against scipy on that float64 cost."""
+    torch.manual_seed(0)
+    logits, boxes, targets = kernels.match_inputs(3, 30, 6, "cpu", seed=1)
+    for class_cost in ("focal", "softmax"):
+        kw = kernels.cost_weights(class_cost)
+        full = anchors.detr_matcher_cost(logits, boxes, targets, **kw)  # (B, Q, sum T)
+        assert full.shape == (3, 30, 18)
+        b = 1
+        lg, bx, t = logits[b].double(), boxes[b].double(), targets[b]
+        if class_cost == "focal":
+            p = lg.sigmoid()[:, t["labels"]]
+            cls = 0.25 * (1 - p) ** 2 * -torch.log(p + 1e-8) - 0.75 * p ** 2 * -torch.log(
+                1 - p + 1e-8)
+        else:
+            cls = -lg.softmax(-1)[:, t["labels"]]
+        l1 = torch.cdist(bx, t["boxes"].double(), p=1)
+        giou = generalized_box_iou(box_convert(bx, "cxcywh", "xyxy"),
+                                   box_convert(t["boxes"].double(), "cxcywh", "xyxy"))
+        ref = kw["w_class"] * cls + 5 * l1 - 2 * giou
+        torch.testing.assert_close(full[b, :, 6:12].double(), ref, rtol=1e-5, atol=1e-5)
+        compact = anchors.compact_costs(logits, boxes, targets, **kw, dtype=torch.float64)
+        torch.testing.assert_close(compact[b], ref, rtol=1e-12, atol=1e-12)
+        got = anchors.detr_matcher(logits, boxes, targets, **kw)
+        r, c = scipy.optimize.linear_sum_assignment(ref.numpy())
+        assert np.array_equal(got[b][0].numpy(), r) and np.array_equal(got[b][1].numpy(), c)
+
+
+def test_parity_checks_catch_wrong_results(kernels):
+    """The msda parity check fails on a kernel that is slightly off, and the assignment
+    comparison notices a swapped pair: the bench's gates can fail."""
+    from common import ops
+
+    class FakeBench:
+        def __init__(self):
+            self.rows = []
+
+        def check(self, *a, **k):
+            self.rows.append((a, k))
+            return a[4]
+
+    inp = kernels.msda_inputs([(6, 5), (3, 4)], 1, 7, "uniform", encoder=False)
+    ref = kernels._msda_reference(inp, "cpu", torch.float32)
+    fb = FakeBench()
+
+    def exact(v, s, i, loc, w):
+        return ops.ms_deform_attn_fallback(v, s, loc, w)
+
+    def off(v, s, i, loc, w):
+        return ops.ms_deform_attn_fallback(v, s, loc, w) * (1 + 1e-3)
+    assert kernels._msda_parity(fb, "c", "uniform", "exact", exact, inp, ref, "cpu",
+                                torch.float32, 1) is True
+    assert kernels._msda_parity(fb, "c", "uniform", "off", off, inp, ref, "cpu",
+                                torch.float32, 1) is False
+    a = [(torch.tensor([0, 1]), torch.tensor([1, 0]))]
+    b = [(torch.tensor([0, 1]), torch.tensor([0, 1]))]
+    assert kernels._assignments_equal(a, a) and not kernels._assignments_equal(a, b)
+
+
+def test_msda_inputs_cover_borders_and_outside(kernels):
+    levels = [(6, 5), (3, 4)]
+    inp = kernels.msda_inputs(levels, 1, 40, "uniform", encoder=False)
+    loc = inp["sampling_locations"]
+    assert loc.shape == (1, 40, 8, 2, 4, 2)
+    assert (loc < 0).any() and (loc > 1).any()  # points outside the map
+    assert (loc == 0).any() and (loc == 1).any()  # exactly on its borders
+    w = inp["attention_weights"].flatten(-2).sum(-1)
+    torch.testing.assert_close(w, torch.ones_like(w), rtol=0, atol=1e-12)
+    enc = kernels.msda_inputs(levels, 1, 42, "clustered", encoder=True)
+    assert enc["value"].shape == (1, 42, 8, 32)
+    # clustered: most points within a few pixels of their own token's centre
+    centres = torch.cat([kernels._token_centres(h, w) for h, w in levels])  # (S, 2)
+    dist = (enc["sampling_locations"][0] - centres[:, None, None, None, :]).abs()
+    px = dist * torch.tensor([[5.0, 6.0], [4.0, 3.0]])[None, None, :, None, :]
+    assert px.median() < 3
