@@ -325,12 +325,40 @@ VARIANT_LOSS_DEFAULTS = {
 
 
 def _variant_of(variant_or_cfg):
-    """A variant name, from a string or a config object with a ``variant`` (or ``name``) field."""
-    v = variant_or_cfg if isinstance(variant_or_cfg, str) else \
-        getattr(variant_or_cfg, "variant", getattr(variant_or_cfg, "name", None))
-    if v not in VARIANT_LOSS_DEFAULTS:
-        raise ValueError(f"unknown variant {v!r}; expected one of {sorted(VARIANT_LOSS_DEFAULTS)}")
-    return v
+    """(variant name, config or None) from a name, a model config dataclass of common.detr or a
+    model with ``variant`` and ``cfg`` attributes."""
+    if isinstance(variant_or_cfg, str):
+        variant, cfg = variant_or_cfg, None
+    elif hasattr(variant_or_cfg, "variant") and hasattr(variant_or_cfg, "cfg"):  # a DETRModel
+        variant, cfg = variant_or_cfg.variant, variant_or_cfg.cfg
+    else:
+        from common.detr import CONFIGS  # lazily: the losses do not need the models otherwise
+        variant = next((n for n, c in CONFIGS.items() if type(variant_or_cfg) is c), None)
+        cfg = variant_or_cfg
+        if variant is None:
+            raise TypeError(f"expected a variant name, a model config or a model, got "
+                            f"{type(variant_or_cfg).__name__}")
+    if variant not in VARIANT_LOSS_DEFAULTS:
+        raise ValueError(f"unknown variant {variant!r}; expected one of "
+                         f"{sorted(VARIANT_LOSS_DEFAULTS)}")
+    return variant, cfg
+
+
+def _settings(variant_or_cfg):
+    """The table row of the variant, with the fields a model config carries taken from it."""
+    variant, cfg = _variant_of(variant_or_cfg)
+    d = dict(VARIANT_LOSS_DEFAULTS[variant], focal_alpha=0.25, eos_coef=0.1, dec_layers=6,
+             two_stage=False, dn=variant == "dino")
+    if cfg is not None:
+        if hasattr(cfg, "loss_weights"):
+            d["loss_ce"], d["loss_bbox"], d["loss_giou"] = cfg.loss_weights
+        if hasattr(cfg, "matcher_weights"):
+            d["cost_class"], d["cost_bbox"], d["cost_giou"] = cfg.matcher_weights
+        for k in ("class_loss", "focal_alpha", "eos_coef", "num_select", "dec_layers",
+                  "two_stage"):
+            d[k] = getattr(cfg, k, d[k])
+        d["dn"] = d["dn"] and getattr(cfg, "dn_number", 1) > 0
+    return variant, d
 
 
 def build_weight_dict(base, num_decoder_layers: int = 6, enc: bool = False, dn: bool = False,
@@ -342,7 +370,7 @@ def build_weight_dict(base, num_decoder_layers: int = 6, enc: bool = False, dn: 
     encoder proposals, "_dn" and "_dn_{i}" for denoising, all with the base weights.
     """
     if isinstance(base, str):
-        base = VARIANT_LOSS_DEFAULTS[_variant_of(base)]
+        base = VARIANT_LOSS_DEFAULTS[_variant_of(base)[0]]
     base = {k: float(base[k]) for k in LOSS_NAMES}
     per_layer = dict(base)
     if dn:
@@ -355,51 +383,42 @@ def build_weight_dict(base, num_decoder_layers: int = 6, enc: bool = False, dn: 
     return weights
 
 
-def _cfg_get(cfg, names, default):
-    for n in names:
-        if hasattr(cfg, n):
-            return getattr(cfg, n)
-    return default
-
-
 def build_criterion(variant_or_cfg, num_classes: int, *, num_decoder_layers: Optional[int] = None,
                     two_stage: Optional[bool] = None, dn: Optional[bool] = None,
                     **overrides) -> SetCriterion:
     """SetCriterion with a variant's official defaults (specs/detr-family.md, section 3.2).
 
-    variant_or_cfg: "detr", "conditional_detr", "dab_detr", "deformable_detr", "dino", or a
-        config object with a ``variant`` field; from it ``num_decoder_layers`` (or
-        ``dec_layers``), ``two_stage`` and ``dn_number`` (or ``use_dn``) are read when present.
+    variant_or_cfg: "detr", "conditional_detr", "dab_detr", "deformable_detr", "dino"; or a
+        model config of common.detr (or the model itself), whose loss_weights, matcher_weights,
+        class_loss, focal_alpha, eos_coef, dec_layers, two_stage and dn_number are used.
     two_stage: Deformable DETR with encoder proposals ("_enc", class-agnostic). DINO always has
         its (real-label) encoder proposals. dn: DINO's denoising keys (default on for DINO).
-    overrides: any of the table's keys (loss_ce, loss_bbox, loss_giou, cost_class, cost_bbox,
-        cost_giou, class_loss) or SetCriterion's focal_alpha, focal_gamma, eos_coef.
+    overrides: loss_ce, loss_bbox, loss_giou (weights of every group), cost_class, cost_bbox,
+        cost_giou, class_loss, focal_alpha, focal_gamma, eos_coef.
     """
-    variant = _variant_of(variant_or_cfg)
-    cfg = None if isinstance(variant_or_cfg, str) else variant_or_cfg
-    if num_decoder_layers is None:
-        num_decoder_layers = int(_cfg_get(cfg, ("num_decoder_layers", "dec_layers"), 6))
-    if two_stage is None:
-        two_stage = bool(_cfg_get(cfg, ("two_stage",), False))
-    if dn is None:
-        dn = variant == "dino" and bool(_cfg_get(cfg, ("dn_number", "use_dn"), True))
-    d = dict(VARIANT_LOSS_DEFAULTS[variant])
-    extra = {k: overrides.pop(k) for k in ("focal_alpha", "focal_gamma", "eos_coef")
-             if k in overrides}
-    unknown = set(overrides) - set(d)
+    variant, d = _settings(variant_or_cfg)
+    allowed = set(LOSS_NAMES) | {"cost_class", "cost_bbox", "cost_giou", "class_loss",
+                                 "focal_alpha", "focal_gamma", "eos_coef"}
+    unknown = set(overrides) - allowed
     if unknown:
-        raise TypeError(f"build_criterion got unknown overrides {sorted(unknown)}")
+        raise TypeError(f"build_criterion got unknown overrides {sorted(unknown)}; valid: "
+                        f"{sorted(allowed)}")
     d.update(overrides)
+    gamma = d.get("focal_gamma", 2.0)
     matcher = HungarianMatcher(d["cost_class"], d["cost_bbox"], d["cost_giou"],
-                               class_cost=d["class_loss"],
-                               focal_alpha=extra.get("focal_alpha", 0.25),
-                               focal_gamma=extra.get("focal_gamma", 2.0))
-    weights = build_weight_dict(d, num_decoder_layers, enc=two_stage or variant == "dino", dn=dn)
+                               class_cost=d["class_loss"], focal_alpha=d["focal_alpha"],
+                               focal_gamma=gamma)
+    L = d["dec_layers"] if num_decoder_layers is None else num_decoder_layers
+    two_stage = d["two_stage"] if two_stage is None else two_stage
+    dn = d["dn"] if dn is None else dn
+    weights = build_weight_dict(d, L, enc=two_stage or variant == "dino", dn=dn)
+    # Two-stage Deformable DETR matches its proposals class-agnostically, DINO with real labels.
     return SetCriterion(num_classes, matcher, weights, class_loss=d["class_loss"],
-                        enc_class_agnostic=variant != "dino", **extra)
+                        focal_alpha=d["focal_alpha"], focal_gamma=gamma, eos_coef=d["eos_coef"],
+                        enc_class_agnostic=variant != "dino")
 
 
 def build_postprocess(variant_or_cfg, num_select: Optional[int] = None) -> PostProcess:
     """PostProcess with the variant's official top-k (100 or 300) and class rule."""
-    d = VARIANT_LOSS_DEFAULTS[_variant_of(variant_or_cfg)]
+    _, d = _settings(variant_or_cfg)
     return PostProcess(num_select or d["num_select"], class_loss=d["class_loss"])

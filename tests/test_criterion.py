@@ -275,6 +275,23 @@ def test_variant_defaults_follow_the_official_configs():
         build_criterion("yolo", 80)
 
 
+def test_built_from_a_model_config():
+    from common.detr import CONFIGS
+    for variant, cls in CONFIGS.items():  # our table and the model configs agree
+        crit, cfg = build_criterion(variant, 5), cls()
+        assert tuple(crit.weight_dict[k] for k in ("loss_ce", "loss_bbox", "loss_giou")) == \
+            tuple(cfg.loss_weights), variant
+        m = crit.matcher
+        assert (m.cost_class, m.cost_bbox, m.cost_giou) == tuple(cfg.matcher_weights), variant
+        assert crit.class_loss == cfg.class_loss
+        assert build_postprocess(variant).num_select == cfg.num_select, variant
+    dino = build_criterion(CONFIGS["dino"](dec_layers=3, loss_weights=(1.5, 5.0, 2.0)), 5)
+    assert dino.weight_dict["loss_ce_dn_1"] == 1.5 and "loss_ce_2" not in dino.weight_dict
+    assert "loss_ce_dn" not in build_criterion(CONFIGS["dino"](dn_number=0), 5).weight_dict
+    deform = build_criterion(CONFIGS["deformable_detr"](two_stage=True), 5)
+    assert deform.weight_dict["loss_bbox_enc"] == 5.0 and deform.enc_class_agnostic
+
+
 def test_bad_input_raises_clear_errors():
     outputs, targets = random_case([2, 1], 5, 3)
     criterion = focal_criterion(3)
