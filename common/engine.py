@@ -325,6 +325,36 @@ def train_one_epoch(module, loader, optimizer, device, epoch, *, clip_max_norm=0
     return reduce_mean(log.means())
 
 
+@torch.no_grad()
+def evaluate(model, postprocess, loader, evaluator, device, *, amp=False, max_iters=None):
+    """COCO evaluation of ``model`` over ``loader``: post-processed detections of every process
+    are gathered by ``evaluator`` (common.evaluate.CocoEvaluator) and scored with COCOeval."""
+    model.eval()
+    evaluator.reset()
+    for it, (images, masks, targets) in enumerate(loader):
+        if max_iters is not None and it >= max_iters:
+            break
+        images, masks, targets = to_device(images, masks, targets, device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                            enabled=amp and device.type == "cuda"):
+            outputs = model(images, masks)
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        evaluator.update(targets, postprocess(fp32(outputs), orig_sizes))
+    return evaluator.summarize(verbose=False)
+
+
+def fp32(x):
+    """Cast the floating tensors of a (nested) output structure to float32: matcher, losses and
+    post-processing run in fp32 under AMP."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: fp32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(fp32(v) for v in x)
+    return x
+
+
 def fit(module, optimizer, lr_scheduler, train_loader, *, args, dist_info, evaluate_fn=None,
         output_dir=None, start_epoch=0, epochs=1, clip_max_norm=0.1, amp=False, max_iters=None,
         print_every=10, verbose=True):
