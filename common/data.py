@@ -715,8 +715,8 @@ def verify_synthetic(root, regenerate: int = 0):
         with open(ann) as f:
             data = json.load(f)
         info = data["info"]
-        _, preset = _resolve_preset(info["preset"]) if info["preset"] != "custom" else \
-            (None, SynthPreset(**{**info["preset_config"], "classes": tuple(info["preset_config"]["classes"])}))
+        config = dict(info["preset_config"], classes=tuple(info["preset_config"]["classes"]))
+        preset = SynthPreset(**config)  # as recorded at generation, so a custom preset works too
         by_image = {}
         for a in data["annotations"]:
             by_image.setdefault(a["image_id"], []).append((a["category_id"] - 1, a["bbox"]))

@@ -1,0 +1,134 @@
+"""COCO evaluation: pycocotools COCOeval (bbox) on detections gathered from every process.
+
+    evaluator = CocoEvaluator.from_dataset(val_set)          # ground truth + label -> category id map
+    for images, masks, targets in loader:
+        results = postprocess(model(images, masks), orig_sizes)  # [{"scores","labels","boxes" xyxy abs}]
+        evaluator.update(targets, results)
+    stats = evaluator.summarize()    # {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", ...}
+
+Every image passed to ``update`` counts, with or without detections (its ground truth then counts
+as missed). Under torch.distributed every process calls ``summarize``; the detections are gathered
+from all of them first, so each process gets the same numbers as one process over the whole set.
+An image seen twice (DistributedSampler pads the last batch by repeating images) counts once.
+Like pycocotools, a bucket with no ground truth (e.g. APl when no object is large) reports -1.
+"""
+import contextlib
+import io
+
+import torch
+import torch.distributed as dist
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+__all__ = ["CocoEvaluator", "results_to_coco", "coco_evaluate", "STAT_NAMES"]
+
+# the order of COCOeval.stats for iouType="bbox"
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def results_to_coco(image_id, result, label_to_category):
+    """One image's post-processed result -> COCO result dicts
+    ``{"image_id", "category_id", "bbox" [x, y, w, h] absolute, "score"}``.
+
+    ``result``: {"scores" (N,), "labels" (N,) contiguous labels, "boxes" (N, 4) absolute xyxy}.
+    """
+    for key in ("scores", "labels", "boxes"):
+        if key not in result:
+            raise KeyError(f"result for image {image_id} has no '{key}' (expected scores, labels, boxes)")
+    boxes = torch.as_tensor(result["boxes"]).detach().to("cpu", torch.float64).reshape(-1, 4)
+    scores = torch.as_tensor(result["scores"]).detach().to("cpu", torch.float64).reshape(-1)
+    labels = torch.as_tensor(result["labels"]).detach().to("cpu", torch.int64).reshape(-1)
+    if not (len(boxes) == len(scores) == len(labels)):
+        raise ValueError(f"result for image {image_id}: {len(boxes)} boxes, {len(scores)} scores, "
+                         f"{len(labels)} labels")
+    if not (torch.isfinite(boxes).all() and torch.isfinite(scores).all()):
+        raise ValueError(f"result for image {image_id} has non-finite boxes or scores")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(label_to_category)):
+        raise ValueError(f"result for image {image_id}: labels must be in [0, {len(label_to_category)}), "
+                         f"got {labels.min().item()}..{labels.max().item()}")
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    return [{"image_id": int(image_id), "category_id": int(label_to_category[lb]), "bbox": b, "score": s}
+            for lb, b, s in zip(labels.tolist(), xywh, scores.tolist())]
+
+
+def coco_evaluate(coco_gt: COCO, detections, image_ids, verbose=False):
+    """COCOeval (bbox) of COCO-format ``detections`` over ``image_ids``; returns (stats dict, COCOeval)."""
+    image_ids = sorted(set(int(i) for i in image_ids))
+    if not image_ids:
+        raise ValueError("no images were evaluated (image_ids is empty)")
+    unknown = set(image_ids) - set(coco_gt.getImgIds())
+    if unknown:
+        raise ValueError(f"image ids {sorted(unknown)[:5]} are not in the ground truth")
+    coco_gt.dataset.setdefault("info", {})  # pycocotools 2.0.9-2.0.10 loadRes reads it
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        if detections:
+            coco_dt = coco_gt.loadRes(list(detections))
+        else:  # loadRes cannot take an empty list; an empty result set scores 0 wherever there is ground truth
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                               "categories": list(coco_gt.dataset["categories"])}
+            coco_dt.createIndex()
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        coco_eval.params.imgIds = image_ids
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats)}
+    return stats, coco_eval
+
+
+class CocoEvaluator:
+    """Accumulates detections over an evaluation pass and scores them with COCOeval.
+
+    coco_gt: the pycocotools ``COCO`` of the ground truth (``dataset.coco``).
+    label_to_category: label -> COCO category id (``dataset.label_to_category``).
+    """
+
+    def __init__(self, coco_gt: COCO, label_to_category):
+        self.coco_gt = coco_gt
+        self.label_to_category = [int(c) for c in label_to_category]
+        missing = set(self.label_to_category) - set(coco_gt.getCatIds())
+        if missing:
+            raise ValueError(f"label_to_category holds category ids {sorted(missing)} that the ground truth "
+                             f"does not define")
+        self.detections = {}   # image id -> list of COCO result dicts (first time the image is seen)
+        self.coco_eval = None  # the last COCOeval, for whoever wants its arrays
+
+    @classmethod
+    def from_dataset(cls, dataset):
+        return cls(dataset.coco, dataset.label_to_category)
+
+    def update(self, targets, results):
+        """targets: the batch's target dicts (for "image_id"); results: PostProcess output, same order."""
+        if len(targets) != len(results):
+            raise ValueError(f"update: {len(targets)} targets but {len(results)} results")
+        for target, result in zip(targets, results):
+            image_id = int(target["image_id"])
+            if image_id not in self.detections:
+                self.detections[image_id] = results_to_coco(image_id, result, self.label_to_category)
+
+    def _gathered(self):
+        """{image id: detections} over all processes; an image seen by several keeps the first copy."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.detections
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, self.detections)
+        merged = {}
+        for part in parts:
+            for image_id, dets in part.items():
+                merged.setdefault(image_id, dets)
+        return merged
+
+    def summarize(self, verbose=None):
+        """Gather, run COCOeval, return {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
+        "ARs", "ARm", "ARl"}. ``verbose`` (default: on the main process) prints pycocotools' table."""
+        per_image = self._gathered()
+        if verbose is None:
+            verbose = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        detections = [d for image_id in sorted(per_image) for d in per_image[image_id]]
+        stats, self.coco_eval = coco_evaluate(self.coco_gt, detections, per_image.keys(), verbose=verbose)
+        return stats
+
+    def reset(self):
+        self.detections = {}
