@@ -222,6 +222,11 @@ class SetCriterion(nn.Module):
 
         if "dn_outputs" in outputs:
             losses.update(self.dn_losses(outputs, targets, num_boxes))
+        unweighted = sorted(k for k in losses if k not in self.weight_dict and k != "class_error")
+        if unweighted:  # e.g. a weight_dict built for fewer decoder layers: never silently drop
+            raise ValueError(f"losses {unweighted} have no weight in weight_dict; build it for "
+                             f"this model's decoder layers, encoder proposals and denoising "
+                             f"(build_weight_dict / build_criterion), or give them weight 0")
         return losses
 
     def dn_losses(self, outputs, targets, num_boxes):

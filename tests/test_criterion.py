@@ -300,6 +300,8 @@ def test_bad_input_raises_clear_errors():
                    "pred_boxes": outputs["pred_boxes"]}, targets)
     with pytest.raises(ValueError, match=r"targets\[1\]\['labels'\] must lie in"):
         criterion(outputs, [targets[0], dict(targets[1], labels=torch.tensor([3]))])
+    with pytest.raises(ValueError, match=r"\['loss_bbox_2', 'loss_ce_2', 'loss_giou_2'\] have no weight"):
+        criterion(dict(outputs, aux_outputs=[outputs] * 3), targets)  # built for 3 layers, got 4
     with pytest.raises(KeyError, match="dn_meta"):
         criterion(dict(outputs, dn_outputs=[outputs]), targets)
     with pytest.raises(ValueError, match="num_dn_queries"):
