@@ -83,7 +83,10 @@ Dims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   DETRKD_CHECK_CONTIGUOUS(level_start_index);
   DETRKD_CHECK_CONTIGUOUS(sampling_loc);
   DETRKD_CHECK_CONTIGUOUS(attn_weight);
-  if (grad_output != nullptr) DETRKD_CHECK_CONTIGUOUS((*grad_output));
+  if (grad_output != nullptr) {
+    TORCH_CHECK(grad_output->is_contiguous(),
+                "grad_output must be contiguous (call .contiguous() first)");
+  }
 
   if (dev.is_cpu()) {
     // The level table must describe value's S rows exactly, or the kernel would read past it.

@@ -1,0 +1,393 @@
+"""Multi-scale deformable attention: the extension (csrc/ms_deform_attn*.{h,cpp,cu}) against the
+pure-PyTorch fallback and a float64 reference.
+
+The reference is ``ops.ms_deform_attn_fallback`` run in float64: it is torch's own
+``F.grid_sample(align_corners=False, padding_mode='zeros')`` per level, so it shares no code
+with our C++/CUDA kernels, and its gradients come from torch's autograd.
+"""
+import itertools
+
+import pytest
+import torch
+
+from common import ops
+
+# (B, level shapes (H, W)) combinations: 1 to 4 levels, non-square, batch 1 to 3
+LEVEL_CASES = [
+    (1, [(5, 7)]),
+    (2, [(6, 3), (3, 2)]),
+    (3, [(4, 9), (2, 5), (1, 3)]),
+    (2, [(8, 6), (4, 3), (2, 2), (1, 1)]),
+]
+CHANNELS = [1, 7, 32, 64, 71]
+
+
+def level_table(shapes, device="cpu"):
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64, device=device)
+    hw = spatial_shapes.prod(1)
+    return spatial_shapes, torch.cumsum(hw, 0) - hw
+
+
+def make_inputs(B, shapes, Q=6, H=2, Dh=4, P=3, dtype=torch.float64, device="cpu", spread=1.4):
+    """Random inputs; locations uniform over [-(spread-1)/2, 1 + (spread-1)/2], so some fall
+    partly or wholly outside the map."""
+    spatial_shapes, level_start_index = level_table(shapes, device)
+    S, L = int(spatial_shapes.prod(1).sum()), len(shapes)
+    value = torch.randn(B, S, H, Dh, dtype=dtype, device=device)
+    loc = torch.rand(B, Q, H, L, P, 2, dtype=dtype, device=device) * spread - (spread - 1) / 2
+    attn = torch.rand(B, Q, H, L, P, dtype=dtype, device=device)
+    return value, spatial_shapes, level_start_index, loc, attn
+
+
+def reference(value, spatial_shapes, loc, attn, grad_out=None):
+    """float64 output (and gradients of value, loc, attn for grad_out) from grid_sample."""
+    v, l, a = (t.detach().to("cpu", torch.float64).requires_grad_() for t in (value, loc, attn))
+    out = ops.ms_deform_attn_fallback(v, spatial_shapes.cpu(), l, a)
+    if grad_out is None:
+        return out.detach()
+    out.backward(grad_out.detach().to("cpu", torch.float64))
+    return out.detach(), v.grad, l.grad, a.grad
+
+
+def run_op(value, spatial_shapes, level_start_index, loc, attn, grad_out):
+    """Output and the three gradients from the public op (the extension on CPU)."""
+    v, l, a = (t.detach().clone().requires_grad_() for t in (value, loc, attn))
+    out = ops.ms_deform_attn(v, spatial_shapes, level_start_index, l, a)
+    out.backward(grad_out)
+    return out.detach(), v.grad, l.grad, a.grad
+
+
+def assert_close(actual, expected, rtol, atol, what=""):
+    actual = actual.detach().to("cpu", torch.float64)
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol * scale, msg=lambda m:
+                               f"{what}: {m}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension_built():
+    assert ops.backend("cpu") == "ext", (
+        "common._C is not built: run 'python setup.py build_ext --inplace' (these tests check "
+        "the extension)")
+
+
+# ------------------------------------------------------------------------------------------
+# CPU: values and gradients
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("B,shapes", LEVEL_CASES)
+@pytest.mark.parametrize("Dh", CHANNELS)
+def test_cpu_matches_float64_reference(B, shapes, Dh):
+    value, ss, lsi, loc, attn = make_inputs(B, shapes, Q=5, H=2, Dh=Dh, P=2)
+    grad_out = torch.randn(B, 5, 2 * Dh, dtype=torch.float64)
+    ref = reference(value, ss, loc, attn, grad_out)
+    names = ("output", "grad_value", "grad_loc", "grad_attn")
+    # float64 extension: equal to the reference up to rounding
+    for name, got, want in zip(names, run_op(value, ss, lsi, loc, attn, grad_out), ref):
+        assert_close(got, want, rtol=1e-12, atol=1e-12, what=f"float64 {name}")
+    # float32 extension and float32 fallback: both within float32 rounding of the reference
+    f32 = [t.float() for t in (value, loc, attn, grad_out)]
+    ours = run_op(f32[0], ss, lsi, f32[1], f32[2], f32[3])
+    theirs = run_op_fallback(f32[0], ss, f32[1], f32[2], f32[3])
+    for name, got, fb, want in zip(names, ours, theirs, ref):
+        assert got.dtype == torch.float32
+        assert_close(got, want, rtol=1e-5, atol=2e-5, what=f"float32 {name}")
+        assert_close(fb, want, rtol=1e-5, atol=2e-5, what=f"float32 fallback {name}")
+
+
+def run_op_fallback(value, spatial_shapes, loc, attn, grad_out):
+    v, l, a = (t.detach().clone().requires_grad_() for t in (value, loc, attn))
+    out = ops.ms_deform_attn_fallback(v, spatial_shapes, l, a)
+    out.backward(grad_out)
+    return out.detach(), v.grad, l.grad, a.grad
+
+
+def test_border_points_match_grid_sample():
+    """Points exactly on the map's borders, on cell centres and on cell edges (where the
+    bilinear weights have kinks and both sides must pick the same one-sided derivative)."""
+    shapes = [(4, 8), (2, 2)]  # powers of two: every coordinate below is exact in binary
+    ss, lsi = level_table(shapes)
+    coords = []
+    for h, w in shapes:
+        # x = 0 and 1 (map borders), centres of the first/last cells, the edge between the first
+        # two cells, px = -1 exactly (the last position with an in-map corner), px = W (none)
+        xs = [0.0, 1.0, 0.5 / w, 1 - 0.5 / w, 1.0 / w, -0.5 / w, (w + 0.5) / w, 0.5]
+        ys = [0.0, 1.0, 0.5 / h, 1 - 0.5 / h, 1.0 / h, -0.5 / h, (h + 0.5) / h, 0.5]
+        coords.append(torch.tensor(list(itertools.product(xs, ys)), dtype=torch.float64))
+    Q = coords[0].shape[0]  # 64 combinations per level
+    B, H, P, Dh = 2, 2, 1, 5
+    loc = torch.stack(coords, dim=1)  # (Q, L, 2)
+    loc = loc[None, :, None, :, None, :].expand(B, Q, H, len(shapes), P, 2).contiguous()
+    S = sum(h * w for h, w in shapes)
+    value = torch.randn(B, S, H, Dh, dtype=torch.float64)
+    attn = torch.rand(B, Q, H, len(shapes), P, dtype=torch.float64)
+    grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
+    ref = reference(value, ss, loc, attn, grad_out)
+    ours = run_op(value, ss, lsi, loc, attn, grad_out)
+    for name, got, want in zip(("output", "grad_value", "grad_loc", "grad_attn"), ours, ref):
+        assert_close(got, want, rtol=1e-12, atol=1e-12, what=name)
+    # x = -0.5 / W (px = -1 exactly), y = 0.5 on level 0: the in-map corners have weight 0, so
+    # the sample is 0, but its x-gradient is not (grid_sample's convention, kept by ours)
+    q = 5 * 8 + 7
+    assert torch.all(ours[0][:, q] == ref[0][:, q])
+    assert torch.all(ours[2][:, q, :, 0, 0, 0] != 0)
+
+
+def test_all_outside_points_give_zero_output_and_gradient():
+    B, shapes, Q, H, L, P, Dh = 2, [(3, 5), (2, 2)], 4, 2, 2, 3, 7
+    value, ss, lsi, _, attn = make_inputs(B, shapes, Q, H, Dh, P)
+    # beyond (-1, W) x (-1, H) in pixels: x = -0.6 is px < -1 on both levels, x = 1.7 is px >= W
+    far = torch.tensor([[-0.6, 0.5], [1.7, 0.5], [0.5, -0.9], [0.5, 2.0], [-3.0, 9.0],
+                        [float("inf"), 0.5]], dtype=torch.float64)
+    loc = far[torch.randint(len(far), (B, Q, H, L, P))]
+    grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
+    out, gv, gl, ga = run_op(value, ss, lsi, loc, attn, grad_out)
+    for t in (out, gv, gl, ga):
+        assert torch.equal(t, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("Dh", [1, 3])
+def test_gradcheck_float64(Dh):
+    value, ss, lsi, loc, attn = make_inputs(2, [(3, 4), (2, 3)], Q=3, H=2, Dh=Dh, P=2,
+                                            spread=1.2)
+    inputs = [t.requires_grad_() for t in (value, loc, attn)]
+
+    def f(v, l, a):
+        return ops.ms_deform_attn(v, ss, lsi, l, a)
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_large_batch_and_empty_queries():
+    # no batch chunking: 65 images (the official op needed B divisible by min(B, 64))
+    value, ss, lsi, loc, attn = make_inputs(65, [(2, 3), (1, 2)], Q=2, H=1, Dh=2, P=2)
+    grad_out = torch.randn(65, 2, 2, dtype=torch.float64)
+    for got, want in zip(run_op(value, ss, lsi, loc, attn, grad_out),
+                         reference(value, ss, loc, attn, grad_out)):
+        assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # zero queries: empty output, zero grad_value
+    value, ss, lsi, loc, attn = make_inputs(2, [(2, 3)], Q=0, H=2, Dh=3, P=2)
+    out, gv, gl, ga = run_op(value, ss, lsi, loc, attn, torch.zeros(2, 0, 6, dtype=torch.float64))
+    assert out.shape == (2, 0, 6) and gl.shape == loc.shape and ga.shape == attn.shape
+    assert torch.equal(gv, torch.zeros_like(value))
+
+
+def test_cpu_results_do_not_depend_on_thread_count():
+    """Forward writes each output once; backward gives each thread whole (image, head-chunk)
+    slices of grad_value, so the summation order, and the bits, are the same for any count."""
+    value, ss, lsi, loc, attn = make_inputs(1, [(6, 5), (3, 3)], Q=40, H=4, Dh=32, P=4,
+                                            dtype=torch.float32)
+    grad_out = torch.randn(1, 40, 4 * 32)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_op(value, ss, lsi, loc, attn, grad_out)
+        torch.set_num_threads(2)
+        two = run_op(value, ss, lsi, loc, attn, grad_out)
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: a clear Python error naming the argument, never a crash
+# ------------------------------------------------------------------------------------------
+
+def _good(dtype=torch.float32):
+    return make_inputs(2, [(3, 4), (2, 2)], Q=3, H=2, Dh=4, P=2, dtype=dtype)
+
+
+@pytest.mark.parametrize("case,exc,pattern", [
+    ("value_rank", ValueError, "value must have 4 dimensions"),
+    ("loc_rank", ValueError, "sampling_locations must have 6 dimensions"),
+    ("attn_shape", ValueError, "attention_weights shape"),
+    ("loc_heads", ValueError, "sampling_locations shape"),
+    ("shapes_dtype", TypeError, "spatial_shapes must have dtype torch.int64"),
+    ("start_dtype", TypeError, "level_start_index must have dtype torch.int64"),
+    ("value_int", TypeError, "value must be a floating-point tensor"),
+    ("mixed_dtype", TypeError, "must share a dtype"),
+    ("half_on_cpu", TypeError, "float32 and float64"),
+    ("S_mismatch", ValueError, "value has S="),
+    ("start_wrong", ValueError, "level_start_index"),
+    ("levels_mismatch", ValueError, "level_start_index has 1 entries"),
+    ("mixed_devices", ValueError, "one device"),
+    ("not_tensor", TypeError, "value must be a torch.Tensor"),
+])
+def test_bad_input_raises_python_error(case, exc, pattern):
+    v, ss, lsi, loc, a = _good()
+    if case == "value_rank":
+        v = v[0]
+    elif case == "loc_rank":
+        loc = loc[..., 0]
+    elif case == "attn_shape":
+        a = a[:, :, :, :, :1]
+    elif case == "loc_heads":
+        loc = torch.cat([loc, loc], dim=2)
+        a = torch.cat([a, a], dim=2)
+    elif case == "shapes_dtype":
+        ss = ss.int()
+    elif case == "start_dtype":
+        lsi = lsi.int()
+    elif case == "value_int":
+        v = v.long()
+    elif case == "mixed_dtype":
+        loc = loc.double()
+    elif case == "half_on_cpu":
+        v, loc, a = v.half(), loc.half(), a.half()
+    elif case == "S_mismatch":
+        v = v[:, :-1]
+    elif case == "start_wrong":
+        lsi = lsi + 1
+    elif case == "levels_mismatch":
+        lsi = lsi[:1]
+    elif case == "mixed_devices":
+        loc = loc.to("meta")
+    elif case == "not_tensor":
+        v = v.tolist()
+    with pytest.raises(exc, match=pattern):
+        ops.ms_deform_attn(v, ss, lsi, loc, a)
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("value_noncontiguous", "value must be contiguous"),
+    ("loc_noncontiguous", "sampling_loc must be contiguous"),
+    ("attn_noncontiguous", "attn_weight must be contiguous"),
+    ("value_rank", "value must have 4 dimensions"),
+    ("attn_shape", "attn_weight must be"),
+    ("loc_dtype", "sampling_loc must have value's dtype"),
+    ("shapes_dtype", "spatial_shapes must be int64"),
+    ("S_mismatch", "value has S="),
+    ("start_wrong", "level_start_index\\[1\\] must be"),
+    ("negative_shape", "spatial_shapes\\[0\\] must be non-negative"),
+    ("mixed_devices", "sampling_loc is on meta"),
+    ("half_on_cpu", "float32 or float64 on CPU"),
+])
+def test_bad_input_to_raw_extension_raises(case, pattern):
+    """The C++ entry points check their arguments too (TORCH_CHECK -> RuntimeError)."""
+    from common import _C
+    v, ss, lsi, loc, a = _good()
+    if case == "value_noncontiguous":
+        v = v.transpose(1, 2).contiguous().transpose(1, 2)
+    elif case == "loc_noncontiguous":
+        loc = loc.transpose(1, 2).contiguous().transpose(1, 2)
+    elif case == "attn_noncontiguous":
+        a = a.transpose(1, 2).contiguous().transpose(1, 2)
+    elif case == "value_rank":
+        v = v[0]
+    elif case == "attn_shape":
+        a = a[..., :1].contiguous()
+    elif case == "loc_dtype":
+        loc = loc.double()
+    elif case == "shapes_dtype":
+        ss = ss.int()
+    elif case == "S_mismatch":
+        v = v[:, :-1].contiguous()
+    elif case == "start_wrong":
+        lsi = lsi + torch.tensor([0, 1])
+    elif case == "negative_shape":
+        ss = torch.tensor([[-3, -4], [2, 2]])
+    elif case == "mixed_devices":
+        loc = loc.to("meta")
+    elif case == "half_on_cpu":
+        v, loc, a = v.half(), loc.half(), a.half()
+    with pytest.raises(RuntimeError, match=pattern):
+        _C.ms_deform_attn_forward(v, ss, lsi, loc, a)
+    g = torch.zeros(v.shape[0], loc.shape[1], v.shape[-2] * v.shape[-1], dtype=v.dtype) \
+        if v.dim() == 4 else torch.zeros(1)
+    with pytest.raises(RuntimeError, match=pattern):
+        _C.ms_deform_attn_backward(v, ss, lsi, loc, a, g)
+
+
+def test_bad_grad_output_to_raw_backward_raises():
+    from common import _C
+    v, ss, lsi, loc, a = _good()
+    with pytest.raises(RuntimeError, match="grad_output must be"):
+        _C.ms_deform_attn_backward(v, ss, lsi, loc, a, torch.zeros(2, 3, 7))
+    with pytest.raises(RuntimeError, match="grad_output must have value's dtype"):
+        _C.ms_deform_attn_backward(v, ss, lsi, loc, a, torch.zeros(2, 3, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="grad_output must be contiguous"):
+        _C.ms_deform_attn_backward(v, ss, lsi, loc, a, torch.zeros(2, 8, 3).transpose(1, 2))
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA (run by the lead on a GPU machine; skipped here)
+# ------------------------------------------------------------------------------------------
+
+def _cuda_case(B, shapes, Q, H, Dh, P, dtype):
+    value, ss, lsi, loc, attn = make_inputs(B, shapes, Q, H, Dh, P, dtype=torch.float64)
+    grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
+    # round the inputs to dtype first, so the float64 reference sees exactly what the kernel sees
+    value, loc, attn, grad_out = (t.to(dtype).double() for t in (value, loc, attn, grad_out))
+    ref = reference(value, ss, loc, attn, grad_out)
+    got = run_op(value.to("cuda", dtype), ss.cuda(), lsi.cuda(), loc.to("cuda", dtype),
+                 attn.to("cuda", dtype), grad_out.to("cuda", dtype))
+    for t in got:
+        assert t.device.type == "cuda" and t.dtype == dtype
+    return got, ref
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("B,shapes", LEVEL_CASES)
+@pytest.mark.parametrize("Dh", CHANNELS + [257])  # 257: several passes over the channels
+def test_cuda_float32_matches_float64_reference(B, shapes, Dh):
+    got, ref = _cuda_case(B, shapes, Q=7, H=3, Dh=Dh, P=2, dtype=torch.float32)
+    for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        assert_close(g, r, rtol=1e-5, atol=2e-5, what=f"cuda float32 {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,ulp", [(torch.float16, 2.0 ** -10), (torch.bfloat16, 2.0 ** -7)])
+@pytest.mark.parametrize("Dh", [7, 32, 71])
+def test_cuda_half_types_accumulate_in_float32(dtype, ulp, Dh):
+    """With inputs already rounded to the half type, fp32 arithmetic leaves only the final
+    rounding of each result: within one unit in the last place (ulp = 2^-10 for fp16, 2^-7 for
+    bf16) of the float64 reference. Accumulating 4 corners x 8 points x L levels in the half
+    type itself, or grad_value's atomics over many queries, would miss this bound."""
+    got, ref = _cuda_case(2, [(8, 6), (4, 3), (2, 2)], Q=40, H=2, Dh=Dh, P=8, dtype=dtype)
+    for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        g = g.double().cpu()
+        bound = ulp * r.abs() + 1e-6 * r.abs().max()
+        excess = ((g - r).abs() - bound).max()
+        assert excess <= 0, f"{dtype} {name}: error exceeds one ulp by {float(excess)}"
+
+
+@pytest.mark.cuda
+def test_cuda_border_and_outside_points():
+    shapes = [(4, 8), (2, 2)]
+    xs = [0.0, 1.0, 1 / 16, 1 / 8, -1 / 16, 17 / 16, -0.6, 1.7, 0.5]
+    pts = torch.tensor(list(itertools.product(xs, xs)), dtype=torch.float64)  # (81, 2)
+    B, H, P, Dh = 2, 2, 1, 32
+    Q = pts.shape[0]
+    loc = pts[None, :, None, None, None, :].expand(B, Q, H, 2, P, 2).contiguous()
+    ss, lsi = level_table(shapes)
+    value = torch.randn(B, 36, H, Dh, dtype=torch.float64)
+    attn = torch.rand(B, Q, H, 2, P, dtype=torch.float64)
+    grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
+    ref = reference(value, ss, loc, attn, grad_out)
+    got = run_op(value.float().cuda(), ss.cuda(), lsi.cuda(), loc.float().cuda(),
+                 attn.float().cuda(), grad_out.float().cuda())
+    for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        assert_close(g, r, rtol=1e-5, atol=2e-5, what=f"cuda {name}")
+
+
+@pytest.mark.cuda
+def test_cuda_grid_stride_loops():
+    """More (b, q, head) groups than the capped grid has threads, so every thread loops: the
+    pointer arithmetic must stay local to each iteration (mmcv #1823's bug)."""
+    got, ref = _cuda_case(2, [(4, 4)], Q=20000, H=1, Dh=32, P=1, dtype=torch.float32)
+    for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        assert_close(g, r, rtol=1e-5, atol=2e-5, what=f"cuda {name}")
+
+
+@pytest.mark.cuda
+def test_cuda_bad_input_raises():
+    from common import _C
+    v, ss, lsi, loc, a = (t.cuda() for t in _good())
+    with pytest.raises(ValueError, match="one device"):
+        ops.ms_deform_attn(v, ss, lsi, loc.cpu(), a)
+    with pytest.raises(RuntimeError, match="spatial_shapes is on cpu"):
+        _C.ms_deform_attn_forward(v, ss.cpu(), lsi, loc, a)
+    with pytest.raises(RuntimeError, match="value must be contiguous"):
+        _C.ms_deform_attn_forward(v.transpose(1, 2).contiguous().transpose(1, 2), ss, lsi, loc, a)
+    with pytest.raises(RuntimeError, match="attn_weight must have value's dtype"):
+        _C.ms_deform_attn_forward(v, ss, lsi, loc, a.half())
