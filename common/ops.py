@@ -401,13 +401,15 @@ def linear_sum_assignment(cost, sizes=None, validate=True):
         result = linear_sum_assignment_fallback(c, cols)
     else:
         num_cols = torch.tensor(cols, dtype=torch.int64).to(c.device, non_blocking=True)
+        # (B, K) each, K = min(N, M), -1 beyond each image's min(N, cols[b]) assignments
         row_ind, col_ind, status = ext.linear_sum_assignment(c.contiguous(), num_cols)
-        if validate:
+        if validate and bool(status.any()):
             bad = torch.nonzero(status).flatten().tolist()
-            if bad:
-                kind = {1: "contains NaN or inf", 2: "is infeasible"}[int(status[bad[0]])]
-                raise ValueError(f"cost of image {bad[0]} {kind} (images with a problem: {bad})")
-        result = [(row_ind[b, :min(N, k)], col_ind[b, :min(N, k)]) for b, k in enumerate(cols)]
+            kind = {1: "contains NaN or inf", 2: "is infeasible"}[int(status[bad[0]])]
+            raise ValueError(f"cost of image {bad[0]} {kind} (images with a problem: {bad})")
+        K = min(N, M)
+        result = [(r, q) if min(N, k) == K else (r[:min(N, k)], q[:min(N, k)])
+                  for r, q, k in zip(row_ind.unbind(0), col_ind.unbind(0), cols)]
     return result[0] if unbatched else result
 
 
