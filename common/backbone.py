@@ -89,7 +89,7 @@ def _load_weights(net: nn.Module, name: str, pretrained: bool, backbone_weights:
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # no classifier
     missing, unexpected = net.load_state_dict(state, strict=False)
     # FrozenBatchNorm2d has no num_batches_tracked; nothing else may be missing or unexpected.
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    missing = [k for k in missing if not k.endswith("num_batches_tracked") and not k.startswith("fc.")]
     unexpected = [k for k in unexpected if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise ValueError(f"backbone weights {path!r} do not fit {name}: missing {missing[:5]}, "
