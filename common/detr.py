@@ -203,7 +203,9 @@ class DINOConfig:
     num_select: int = 300
     lr: float = 1e-4
     lr_backbone: float = 1e-5
-    lr_linear_proj_mult: float = 0.1
+    # DINO_4scale.py lists lr_linear_proj_mult = 0.1, but its param_dict_type = 'default' never
+    # applies it (main.py get_param_dict): sampling_offsets train at the full lr
+    lr_linear_proj_mult: float = 1.0
     weight_decay: float = 1e-4
     clip_max_norm: float = 0.1
     epochs: int = 12
@@ -387,7 +389,8 @@ class DETRModel(nn.Module):
             nn.init.xavier_uniform_(t.reference_points.weight, gain=1.0)
             nn.init.constant_(t.reference_points.bias, 0.0)
         if variant == "dino":
-            nn.init.normal_(t.tgt_embed.weight)
+            # (tgt_embed keeps the xavier init: DINO draws it normal, then its
+            # _reset_parameters overwrites every matrix of the transformer with xavier)
             self.label_enc = nn.Embedding(num_classes + 1, D)  # +1: DINO's dn_labelbook_size + 1
 
         # heads: a ModuleList over layers (+1 for two-stage proposals), the same object if shared
