@@ -53,7 +53,7 @@ from torchvision import tv_tensors
 
 __all__ = ["CocoDetection", "load_coco_annotations", "make_transforms", "RandomSizeCrop", "collate",
            "build_dataset", "add_data_args", "SynthPreset", "SYNTH_PRESETS", "SYNTH_VERSION",
-           "generate_synthetic", "ensure_synthetic", "verify_synthetic", "synthetic_image"]
+           "generate_synthetic", "ensure_synthetic", "verify_synthetic", "synthetic_image", "default_cache_dir"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -232,7 +232,7 @@ class CocoDetection(torch.utils.data.Dataset):
                   "labels": labels[keep]}
 
         image, target = self.transforms(image, target)
-        image = image.as_subclass(torch.Tensor)
+        image = image.as_subclass(torch.Tensor).contiguous()  # PIL -> tensor gives an HWC-strided view
         if image.dtype != torch.float32 or image.ndim != 3 or image.shape[0] != 3:
             raise ValueError(f"transforms must end with a float32 (3, H, W) image, got "
                              f"{tuple(image.shape)} {image.dtype}")
@@ -349,11 +349,13 @@ def collate(batch):
 
 SYNTH_VERSION = 1
 DIGITS = tuple("0123456789")
-LETTERS = tuple("ABEGKMRSXZ")      # each resembles a digit: A~4, B~8, E~3, G~6, K~X, M~W, R~P, S~5, X~K, Z~2
+LETTERS = tuple("ABEGKMRSXZ")      # look-alikes: B~8, S~5, Z~2, G~6, E~3, A~4 and, among letters, K~X~R, M~A
 OTHER_GLYPHS = "CFHJLNPTUVWY"      # never a class: glyph-like distractors
+# scikit-image pictures whose docstrings state CC0, public domain or no known copyright restrictions
+# ("text" and "coins" also bring real small glyphs and round objects: hard negatives)
 BACKGROUNDS = ("brick", "grass", "gravel", "coffee", "chelsea", "astronaut", "rocket", "hubble_deep_field",
-               "text", "page", "retina", "cell", "coins", "camera", "moon", "motorcycle")
-TEXTURES = ("brick", "grass", "gravel", "coffee", "hubble_deep_field", "retina", "coins", "moon")
+               "text", "retina", "cell", "coins", "camera")
+TEXTURES = ("brick", "grass", "gravel", "coffee", "hubble_deep_field", "retina", "coins")
 _SPLIT_ID = {"train": 0, "val": 1}
 
 
@@ -394,8 +396,7 @@ def _require_skimage():
 def _source_image(name: str) -> np.ndarray:
     """A bundled scikit-image picture as uint8 (H, W, 3); grey ones are replicated to 3 channels."""
     data = _require_skimage()
-    im = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
-    im = np.asarray(im)
+    im = np.asarray(getattr(data, name)())
     if im.ndim == 2:
         im = np.repeat(im[:, :, None], 3, axis=2)
     return np.ascontiguousarray(im[:, :, :3]).astype(np.uint8)
@@ -638,7 +639,8 @@ def generate_synthetic(root, preset="easy", seed=0, num_train=2000, num_val=500,
                      "version": str(SYNTH_VERSION), "preset": preset_name, "preset_config": asdict(preset),
                      "seed": int(seed), "split": split, "content_hash": hasher.hexdigest()[:16],
                      "libraries": _library_versions()},
-            "licenses": [{"id": 1, "name": "backgrounds and textures: scikit-image data (CC0 / public domain)"}],
+            "licenses": [{"id": 1, "name": "pictures from scikit-image's data module (CC0, public domain or "
+                                               "no known copyright restrictions); glyphs: Pillow's built-in font"}],
             "images": images,
             "annotations": annotations,
             "categories": [{"id": k + 1, "name": c, "supercategory": "digit" if c.isdigit() else "letter"}
@@ -802,11 +804,13 @@ def build_dataset(image_set: str, args=None, **overrides) -> CocoDetection:
         distributed = dist.is_available() and dist.is_initialized()
         if distributed and dist.get_rank() != 0:
             dist.barrier()                                       # let rank 0 generate it first
-        root = ensure_synthetic(opt["data_cache"], opt["synth"], int(opt["synth_seed"]),
-                                int(opt["synth_num_train"]), int(opt["synth_num_val"]),
-                                verbose=_is_main_process())
-        if distributed and dist.get_rank() == 0:
-            dist.barrier()
+        try:
+            root = ensure_synthetic(opt["data_cache"], opt["synth"], int(opt["synth_seed"]),
+                                    int(opt["synth_num_train"]), int(opt["synth_num_val"]),
+                                    verbose=_is_main_process())
+        finally:  # release the others even if it failed (they then fail with the same clear error)
+            if distributed and dist.get_rank() == 0:
+                dist.barrier()
         ann_file = root / "annotations" / f"instances_{image_set}2017.json"
         img_folder = root / f"{image_set}2017"
         default_size = SYNTH_PRESETS[opt["synth"]].image_size

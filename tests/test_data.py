@@ -2,7 +2,7 @@
 import argparse
 import json
 import os
-import warnings
+import sys
 
 import numpy as np
 import pytest
@@ -134,17 +134,21 @@ def test_clear_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="instances_train2017.json.*not valid json"):
         plain_dataset(tmp_path / "b")
     # structurally wrong annotations, each named with the file
+    one_image = [{"id": 1, "file_name": "x.png", "width": 8, "height": 8}]
+
+    def with_anns(*anns):
+        return {"images": one_image, "categories": cats, "annotations": list(anns)}
+
     bad_cases = [
         ({"images": [], "categories": cats}, "missing the 'annotations' list"),
-        ({"images": [{"id": 1, "file_name": "x.png", "width": 8, "height": 8}], "categories": cats,
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}]}, "unknown category_id 3"),
-        ({"images": [{"id": 1, "file_name": "x.png", "width": 8, "height": 8}], "categories": cats,
-          "annotations": [{"id": 1, "image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]}]}, "unknown image_id 9"),
-        ({"images": [{"id": 1, "file_name": "x.png", "width": 8, "height": 8}], "categories": cats,
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1]}]}, "4 finite numbers"),
-        ({"images": [{"id": 1, "file_name": "x.png", "width": 8, "height": 8}], "categories": cats,
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]},
-                          {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2]}]}, "duplicate annotation id 1"),
+        (with_anns({"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 1, 1]}), "unknown category_id 3"),
+        (with_anns({"id": 1, "image_id": 9, "category_id": 1, "bbox": [0, 0, 1, 1]}), "unknown image_id 9"),
+        (with_anns({"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1]}), "4 finite numbers"),
+        (with_anns({"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1]},
+                   {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 2, 2]}), "duplicate annotation id 1"),
+        ({"images": one_image + one_image, "categories": cats, "annotations": []}, "duplicate image id 1"),
+        ({"images": one_image, "categories": [], "annotations": []}, "'categories' list is empty"),
+        ([1, 2], "json object at the top level"),
     ]
     for i, (content, message) in enumerate(bad_cases):
         p = tmp_path / f"bad{i}.json"
@@ -372,3 +376,15 @@ def test_build_dataset_synthetic_uses_the_cache(tmp_path, monkeypatch):
         D.build_dataset("val", **kw)
     with pytest.raises(ValueError, match="preset"):
         D.build_dataset("val", data="synthetic", data_cache=tmp_path, synth="impossible")
+
+
+def test_synthetic_without_scikit_image_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)       # makes "import skimage" raise ImportError
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    D._source_image.cache_clear()
+    try:
+        with pytest.raises(ImportError, match="pip install scikit-image"):
+            D.build_dataset("train", data="synthetic", data_cache=tmp_path, synth_num_train=2, synth_num_val=1)
+        assert list(tmp_path.iterdir()) == []                # no half-written set left behind
+    finally:
+        D._source_image.cache_clear()
