@@ -19,7 +19,7 @@ Pretrained weights come only from a file that is already on disk: torchvision's 
 """
 import math
 import os
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -20,7 +20,6 @@ as arguments, not aliased as decoder attributes. All tensors are batch-first: (B
 """
 import copy
 import math
-from typing import List, Optional
 
 import torch
 import torch.nn.functional as F

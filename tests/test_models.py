@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from common import ops
 from common.backbone import Backbone, PositionEmbeddingSine, sine_embed
