@@ -44,7 +44,8 @@ the threaded contenders (ours, the fallback, lapx) at 2 threads. On a shared mac
 thread for ratios.
 
 An op whose extension is not built or not implemented yet is reported as unavailable and the
-run goes on. The exit status is 1 when any parity check fails, else 0.
+run goes on; a contender that fails is reported as an error and the run goes on too. The exit
+status is 1 when any parity check fails or any contender errs, else 0.
 
 Examples:
   python bench/kernels.py                      # full CPU table (+ CUDA when a GPU is present)
@@ -104,9 +105,18 @@ class Unavailable(Exception):
     """A contender that cannot run here (not built, not implemented yet, wrong device)."""
 
 
-def _is_unimplemented(err):
+def _is_unavailable(err):
+    """True for "cannot run here" (not built, not implemented yet), not for a real failure."""
+    if isinstance(err, Unavailable):
+        return True
     msg = str(err).lower()
-    return "not implemented" in msg or "not compiled" in msg
+    return isinstance(err, (RuntimeError, NotImplementedError)) and (
+        "not implemented" in msg or "not compiled" in msg)
+
+
+def _first_line(err):
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def time_wall(fn, min_reps, min_time, sync=None):
@@ -184,12 +194,12 @@ class Bench:
                 times = time_wall(fn, reps, min_time, sync)
             row["median_s"] = statistics.median(times) / divide
             row["min_s"], row["reps"] = min(times) / divide, len(times)
-        except Unavailable as e:
-            row["status"], row["note"] = "unavailable", str(e)
-        except (RuntimeError, NotImplementedError) as e:
-            if not _is_unimplemented(e):
-                raise
-            row["status"], row["note"] = "unavailable", str(e).strip().splitlines()[0]
+        except Exception as e:  # noqa: BLE001 - one contender's failure must not end the run
+            row["status"] = "unavailable" if _is_unavailable(e) else "error"
+            row["note"] = _first_line(e)
+            if row["status"] == "error":
+                print(f"    ERROR timing {contender} ({case} {variant}): {row['note']}",
+                      flush=True)
         self.rows.append(row)
         self._echo(row)
         return row
@@ -198,6 +208,14 @@ class Bench:
         if self.flush is None:
             self.flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.float32, device="cuda")
         return self.flush
+
+    def check_failed(self, section, case, contender, device, err, **kw):
+        """A parity check whose contender raised: unavailable (not a failure) or an error."""
+        if _is_unavailable(err):
+            return self.check(section, case, contender, device, None,
+                              f"unavailable: {_first_line(err)}", status="unavailable", **kw)
+        return self.check(section, case, contender, device, False, f"error: {_first_line(err)}",
+                          status="error", **kw)
 
     def check(self, section, case, contender, device, passed, detail, variant="", dtype="",
               threads=None, status="ok", errors=None):
@@ -248,7 +266,7 @@ class Bench:
             for r in rows:
                 thr = "-" if r["threads"] is None else str(r["threads"])
                 if r["median_s"] is None:
-                    tail = f"unavailable: {r['note']}"
+                    tail = f"{'ERROR' if r['status'] == 'error' else 'unavailable'}: {r['note']}"
                 else:
                     per = ""
                     if r["items"]:
@@ -262,6 +280,10 @@ class Bench:
                       + (f"  ({r['note']})" if r["median_s"] is not None and r["note"] else ""))
 
     def print_parity(self):
+        for r in self.rows:
+            if r["status"] == "error":
+                print(f"\n  ERROR while timing {r['contender']} ({r['device']} {r['case']} "
+                      f"{r['variant']} {r['dtype']}): {r['note']}")
         fails = [p for p in self.parity if p["passed"] is False]
         print(f"\n== Parity: {len(self.parity)} checks, {len(fails)} failed ==")
         for p in fails:
@@ -593,11 +615,9 @@ def _msda_parity(bench, case, locs, name, impl, inp, ref, device, dtype, threads
     try:
         x = _cast_msda(inp, device, dtype, requires_grad=True)
         got_out, got_grads = _msda_fwd_bwd(impl, x)
-    except (RuntimeError, NotImplementedError) as e:
-        if not _is_unimplemented(e):
-            raise
-        return bench.check("msda", case, name, device, None, "unavailable", variant=locs,
-                           dtype=dn, threads=threads, status="unavailable")
+    except Exception as e:  # noqa: BLE001 - reported, the run goes on
+        return bench.check_failed("msda", case, name, device, e, variant=locs, dtype=dn,
+                                  threads=threads)
     names = ("out", "d value", "d loc", "d weight")
     errs = [_rel_err(g, r) for g, r in zip([got_out, *got_grads], ref)]
     tol = MSDA_RTOL[dtype]
@@ -714,12 +734,8 @@ def run_matching(bench, device, threads, sections, extra_threads=False):
             try:
                 _ext_or_raise(device)
                 ours_fp32 = ours_cost(logits, boxes, padded, kw)
-            except (Unavailable, RuntimeError, NotImplementedError) as e:
-                if isinstance(e, (RuntimeError, NotImplementedError)) and \
-                        not _is_unimplemented(e):
-                    raise
-                bench.check("cost", case, "ours", device, None, "unavailable",
-                            threads=threads, status="unavailable")
+            except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                bench.check_failed("cost", case, "ours", device, e, threads=threads)
             if ours_fp32 is not None:
                 got = ours_fp32.double().cpu()
                 ref = torch.zeros_like(got)
@@ -788,12 +804,8 @@ def run_matching(bench, device, threads, sections, extra_threads=False):
                     worst = max(abs(a - e) for a, e in zip(t_got, t_exp))
                     detail = f"assignments differ from scipy; max total-cost gap {worst:.2e}"
                 bench.check("lsa", case, "ours", device, same, detail, threads=threads)
-            except (Unavailable, RuntimeError, NotImplementedError) as e:
-                if isinstance(e, (RuntimeError, NotImplementedError)) and \
-                        not _is_unimplemented(e):
-                    raise
-                bench.check("lsa", case, "ours", device, None, "unavailable", threads=threads,
-                            status="unavailable")
+            except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                bench.check_failed("lsa", case, "ours", device, e, threads=threads)
 
         # -- whole matcher, one decoder layer ------------------------------------------------
         if "match" in sections:
@@ -844,27 +856,24 @@ def run_matching(bench, device, threads, sections, extra_threads=False):
                           f"assignments differ; float64 total-cost gap {gap:.2e} "
                           f"({'an equally optimal tie' if ok else 'worse'})")
                 bench.check("match", case, "ours", device, ok, detail, threads=threads)
-            except (Unavailable, RuntimeError, NotImplementedError) as e:
-                if isinstance(e, (RuntimeError, NotImplementedError)) and \
-                        not _is_unimplemented(e):
-                    raise
-                bench.check("match", case, "ours", device, None, "unavailable",
-                            threads=threads, status="unavailable")
+            except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                bench.check_failed("match", case, "ours", device, e, threads=threads)
             if matcher is not None and ops.backend(device) == "ext":
-                try:
-                    for name, got in (("HungarianMatcher", matcher(outputs, targets)),
-                                      ("HungarianMatcher 6 stacked",
-                                       matcher.match_layers(layers, targets)[0])):
-                        gap = max(abs(a - e) for a, e in zip(_total(ref64, got),
-                                                             _total(ref64, reference)))
-                        same = _assignments_equal(got, reference)
-                        bench.check("match", case, name, device, same or gap <= 1e-4,
-                                    "assignments identical to the reference DETR matcher" if same
-                                    else f"assignments differ; float64 total-cost gap {gap:.2e}",
-                                    threads=threads)
-                except (RuntimeError, NotImplementedError) as e:
-                    if not _is_unimplemented(e):
-                        raise
+                for name, run in (("HungarianMatcher", lambda: matcher(outputs, targets)),
+                                  ("HungarianMatcher 6 stacked",
+                                   lambda: matcher.match_layers(layers, targets)[0])):
+                    try:
+                        got = run()
+                    except Exception as e:  # noqa: BLE001 - reported, the run goes on
+                        bench.check_failed("match", case, name, device, e, threads=threads)
+                        continue
+                    gap = max(abs(a - e) for a, e in zip(_total(ref64, got),
+                                                         _total(ref64, reference)))
+                    same = _assignments_equal(got, reference)
+                    bench.check("match", case, name, device, same or gap <= 1e-4,
+                                "assignments identical to the reference DETR matcher" if same
+                                else f"assignments differ; float64 total-cost gap {gap:.2e}",
+                                threads=threads)
             compact = kept.get("compact") or anchors.compact_matcher(logits, boxes, targets, **kw)
             gap = max(abs(a - e) for a, e in zip(_total(ref64, compact),
                                                  _total(ref64, reference)))
@@ -993,7 +1002,8 @@ def main(argv=None):
     print(f"\ntotal benchmark time {time.perf_counter() - t0:.1f} s")
     if args.json:
         bench.write_json(args.json)
-    return 1 if any(p["passed"] is False for p in bench.parity) else 0
+    errors = [r for r in bench.rows if r["status"] == "error"]
+    return 1 if errors or any(p["passed"] is False for p in bench.parity) else 0
 
 
 if __name__ == "__main__":

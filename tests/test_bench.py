@@ -154,3 +154,30 @@ def test_msda_inputs_cover_borders_and_outside(kernels):
     dist = (enc["sampling_locations"][0] - centres[:, None, None, None, :]).abs()
     px = dist * torch.tensor([[5.0, 6.0], [4.0, 3.0]])[None, None, :, None, :]
     assert px.median() < 3
+
+
+def test_run_fails_on_wrong_assignment_or_error(kernels, monkeypatch, capsys):
+    """End to end: an assignment op that returns a worse matching, or that raises, makes the
+    run report it and exit 1 (while other contenders still run)."""
+    from common import ops
+    if ops.backend("cpu") != "ext":
+        pytest.skip("our rows are unavailable without the extension")
+    real = ops.linear_sum_assignment
+    try:
+        real(torch.rand(3, 2))
+    except RuntimeError as e:
+        pytest.skip(f"linear_sum_assignment extension not usable yet: {e}")
+
+    def swapped(cost, sizes=None, validate=True):
+        out = real(cost, sizes, validate)
+        return [(r, torch.cat([c[1:2], c[:1], c[2:]])) for r, c in out]
+    monkeypatch.setattr(ops, "linear_sum_assignment", swapped)
+    assert kernels.main(["--quick", "--only", "lsa"]) == 1
+    assert "parity FAIL ours" in capsys.readouterr().out
+
+    def broken(*a, **k):
+        raise ValueError("deliberately broken")
+    monkeypatch.setattr(ops, "linear_sum_assignment", broken)
+    assert kernels.main(["--quick", "--only", "lsa"]) == 1
+    out = capsys.readouterr().out
+    assert "deliberately broken" in out and "scipy loop" in out
