@@ -39,9 +39,11 @@ run to a few minutes; the table marks how many repetitions each row had. Ratios 
 baseline's median over the row's median, both from this run.
 
 Threads: torch.set_num_threads(--threads) (default 1) for every contender, stated in the
-output; lapx gets the same n_threads; scipy is single-threaded. --also-threads 2 adds rows for
-the threaded contenders (ours, the fallback, lapx) at 2 threads. On a shared machine use one
-thread for ratios.
+output; lapx gets the same n_threads; scipy is single-threaded. --also-threads 2 repeats the
+CPU rows at 2 threads, except the slow single-image anchors (the reference DETR matcher and the
+compact per-image matcher), so ratios in the match section exist only at --threads. On a
+shared machine use one thread for ratios. Cost parity uses the float64 reference: the
+entries of our fp32 cost must lie within 4e-6 x max(1, max|cost|) of it.
 
 An op whose extension is not built or not implemented yet is reported as unavailable and the
 run goes on; a contender that fails is reported as an error and the run goes on too. The exit
@@ -93,7 +95,7 @@ QUICK_MATCH_BATCH = 4
 
 # Parity tolerances on max|ours - ref| / max|ref| against the float64 reference.
 MSDA_RTOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-COST_RTOL = 2e-6  # fp32 cost vs float64: a few ulp of the largest entry
+COST_RTOL = 4e-6  # fp32 cost vs float64, relative to max(1, max|cost|): ~30 ulp of the largest
 L2_FLUSH_BYTES = 256 << 20  # > the 50 MB L2 of an H100
 
 
@@ -743,9 +745,9 @@ def run_matching(bench, device, threads, sections, extra_threads=False):
                     ref[b, :, :c.shape[1]] = torch.from_numpy(c)
                 scale = max(1.0, ref.abs().max().item())
                 diff = (got - ref).abs().max().item()
-                bench.check("cost", case, "ours", device, diff <= COST_RTOL * scale * 4,
+                bench.check("cost", case, "ours", device, diff <= COST_RTOL * scale,
                             f"max abs err {diff:.2e} vs float64 (max |cost| {scale:.2f}, "
-                            f"tol {COST_RTOL * scale * 4:.1e}); padded entries "
+                            f"tol {COST_RTOL * scale:.1e}); padded entries "
                             f"{'zero' if _padding_zero(ours_fp32, padded[3]) else 'NOT zero'}",
                             threads=threads)
                 if on_cuda:
@@ -931,8 +933,8 @@ def parse_args(argv=None):
                    help="torch.set_num_threads for every CPU contender, and lapx's n_threads "
                         "(default 1)")
     p.add_argument("--also-threads", type=int, default=None, metavar="N",
-                   help="add CPU rows at N threads for the threaded contenders (ours, the "
-                        "fallback, lapx), e.g. 2")
+                   help="repeat the CPU rows at N threads (e.g. 2), except the slow "
+                        "single-image matcher anchors")
     p.add_argument("--quick", action="store_true",
                    help="tiny shapes and few repetitions: a smoke test that takes seconds")
     p.add_argument("--reps", type=int, default=None,
