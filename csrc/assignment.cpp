@@ -128,6 +128,7 @@ struct Workspace {
   std::vector<float> c32;  // working matrix, nr x ld (float32 input)
   std::vector<double> c64; // working matrix, nr x ld (float64 input)
   std::vector<double> u, v, spc;               // duals (nr), (ld); shortest path costs (ld)
+  std::vector<double> chunk_min;               // lane-wise minima of spc per chunk (relax)
   std::vector<int32_t> row4col, col4row;       // the matching: (ld), (nr); -1 = free
   std::vector<int32_t> remaining, pos;         // scipy's scan order and its inverse (nc)
   // One search: visited rows with the min_val their relax used, and scanned columns with their
@@ -279,25 +280,36 @@ bool transpose(const S* in, int64_t ldi, int64_t n_q, int64_t n_t, S* C, int64_t
 // ------------------------------------------------------------------------------------------
 
 // relax from row i: spc[j] = min(spc[j], path_cost(min_val, Ci[j], u_i, v[j])) for every column
-// (a visited column keeps its NaN), and return the smallest spc of an unvisited column.
+// (a visited column keeps its NaN), and return the smallest spc of an unvisited column. The
+// lane-wise minima of each chunk of kChunk columns are kept in chunk_min, so that select only
+// reads the chunks that hold the minimum.
 // kFirst, the search's first step: spc still holds the previous search's values; they are
 // replaced (min with +inf, as after scipy's reset to +inf), which also clears the NaN marks.
 // There min_val = 0 and u_i = 0 (the row was never visited), so path_cost = c - v exactly (up to
 // the sign of a zero result, which no comparison or later non-zero result can see).
+constexpr int64_t kChunk = 64;
+
 template <class V, typename S, bool kFirst>
-double relax(const S* Ci, const double* v, double* spc, int64_t ld, double min_val, double u_i) {
+double relax(const S* Ci, const double* v, double* spc, double* chunk_min, int64_t ld,
+             double min_val, double u_i) {
   const V mv = V::set1(min_val), u = V::set1(u_i), inf = V::set1(kInf);
   V lowest = inf;
-  for (int64_t j = 0; j < ld; j += V::W) {
-    V s;
-    if constexpr (kFirst) {
-      s = V::min(V::load(Ci + j) - V::load(v + j), inf);
-    } else {  // path_cost (assignment.h), lane-wise, same order of operations
-      const V r = ((mv + V::load(Ci + j)) - u) - V::load(v + j);
-      s = V::min(r, V::load(spc + j));
+  for (int64_t j0 = 0; j0 < ld; j0 += kChunk) {
+    const int64_t j1 = std::min(j0 + kChunk, ld);
+    V chunk_lowest = inf;
+    for (int64_t j = j0; j < j1; j += V::W) {
+      V s;
+      if constexpr (kFirst) {
+        s = V::min(V::load(Ci + j) - V::load(v + j), inf);
+      } else {  // path_cost (assignment.h), lane-wise, same order of operations
+        const V r = ((mv + V::load(Ci + j)) - u) - V::load(v + j);
+        s = V::min(r, V::load(spc + j));
+      }
+      s.store(spc + j);
+      chunk_lowest = V::min(s, chunk_lowest);
     }
-    s.store(spc + j);
-    lowest = V::min(s, lowest);
+    chunk_lowest.store(chunk_min + j0 / kChunk * V::W);
+    lowest = V::min(chunk_lowest, lowest);
   }
   return lowest.reduce_min();
 }
@@ -305,18 +317,22 @@ double relax(const S* Ci, const double* v, double* spc, int64_t ld, double min_v
 // select: among the columns with spc == lowest (unvisited ones: NaN never compares equal; the
 // +inf padding never equals a finite lowest), the one scipy would pick (tie_key).
 template <class V>
-int32_t select(const double* spc, int64_t ld, double lowest, const int32_t* row4col,
-               const int32_t* pos) {
+int32_t select(const double* spc, const double* chunk_min, int64_t ld, double lowest,
+               const int32_t* row4col, const int32_t* pos) {
   const V target = V::set1(lowest);
   int32_t best = -1;
   int best_key = 0;
-  for (int64_t j = 0; j < ld; j += V::W) {
-    for (unsigned m = V::eq(V::load(spc + j), target); m != 0; m &= m - 1) {
-      const int32_t col = static_cast<int32_t>(j + __builtin_ctz(m));
-      const int key = tie_key(row4col[col] < 0, pos[col]);
-      if (best < 0 || key < best_key) {
-        best = col;
-        best_key = key;
+  for (int64_t j0 = 0; j0 < ld; j0 += kChunk) {
+    if (V::eq(V::load(chunk_min + j0 / kChunk * V::W), target) == 0) continue;
+    const int64_t j1 = std::min(j0 + kChunk, ld);
+    for (int64_t j = j0; j < j1; j += V::W) {
+      for (unsigned m = V::eq(V::load(spc + j), target); m != 0; m &= m - 1) {
+        const int32_t col = static_cast<int32_t>(j + __builtin_ctz(m));
+        const int key = tie_key(row4col[col] < 0, pos[col]);
+        if (best < 0 || key < best_key) {
+          best = col;
+          best_key = key;
+        }
       }
     }
   }
@@ -333,6 +349,7 @@ int solve(const S* C, int64_t nr, int64_t nc, int64_t ld, Workspace& ws) {
   double* u = reserve(ws.u, nr);
   double* v = reserve(ws.v, ld);
   double* spc = reserve(ws.spc, ld);
+  double* chunk_min = reserve(ws.chunk_min, (ld + kChunk - 1) / kChunk * 8);
   int32_t* row4col = reserve(ws.row4col, ld);
   int32_t* col4row = reserve(ws.col4row, nr);
   int32_t* remaining = reserve(ws.remaining, nc);
@@ -360,10 +377,10 @@ int solve(const S* C, int64_t nr, int64_t nc, int64_t ld, Workspace& ws) {
     int32_t sink = -1;
     while (sink < 0) {
       const double lowest =
-          steps == 0 ? relax<V, S, true>(C + i * ld, v, spc, ld, min_val, u[i])
-                     : relax<V, S, false>(C + i * ld, v, spc, ld, min_val, u[i]);
+          steps == 0 ? relax<V, S, true>(C + i * ld, v, spc, chunk_min, ld, min_val, u[i])
+                     : relax<V, S, false>(C + i * ld, v, spc, chunk_min, ld, min_val, u[i]);
       if (!(lowest < kInf)) return kInfeasible;  // no finite path: every column is forbidden
-      const int32_t j = select<V>(spc, ld, lowest, row4col, pos);
+      const int32_t j = select<V>(spc, chunk_min, ld, lowest, row4col, pos);
       visit_row[steps] = static_cast<int32_t>(i);
       visit_min[steps] = min_val;
       scan_col[steps] = j;
