@@ -297,9 +297,19 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
                      p = sigmoid(logit of the target's class); or "softmax", as DETR:
                      -softmax(logits)[label].
         w_class, w_bbox, w_giou: weights of the class, L1 and -GIoU terms.
+        alpha, gamma: the focal cost's parameters (Deformable DETR: 0.25 and 2).
     Returns:
-        cost (B, Q, T) float32: w_class * class + w_bbox * L1 - w_giou * GIoU; entries of padded
-        targets (t >= num_targets[b]) are 0.
+        cost (B, Q, T): w_class * class + w_bbox * L1 - w_giou * GIoU; entries of padded
+        targets (t >= num_targets[b]) are 0. float32, or float64 when the inputs are float64.
+
+    Only each image's own (Q, T) block is computed, never the (B*Q, sum T) matrix of the
+    reference DETR matcher; the focal cost needs only the T logits of the targets' classes, the
+    softmax cost one logsumexp per query. Inputs: float32/float64 on CPU (float16/bfloat16 are
+    converted to float32); float32/float16/bfloat16/float64 on CUDA (half computed in float32).
+    Mixed float dtypes are promoted to one. Zero-size boxes give finite costs.
+    On CPU, num_targets outside [0, T] and labels of real targets outside [0, C) raise
+    ValueError. On CUDA they are not checked (that would need a device sync): such an image's
+    block, or such a target's column, is NaN instead, which linear_sum_assignment reports.
     """
     _check_tensor("pred_logits", pred_logits, ndim=3, floating=True)
     _check_tensor("pred_boxes", pred_boxes, ndim=3, last=4, floating=True)
@@ -331,6 +341,12 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
     if ext is None:
         return match_cost_fallback(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets,
                                    class_cost, w_class, w_bbox, w_giou, alpha, gamma)
+    # One float dtype for the kernel: the promoted one (half only on CUDA).
+    dtype = torch.promote_types(torch.promote_types(pred_logits.dtype, pred_boxes.dtype),
+                                tgt_boxes.dtype)
+    if pred_logits.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    pred_logits, pred_boxes, tgt_boxes = (t.to(dtype) for t in (pred_logits, pred_boxes, tgt_boxes))
     return ext.match_cost(pred_logits.contiguous(), pred_boxes.contiguous(),
                           tgt_labels.contiguous(), tgt_boxes.contiguous(),
                           num_targets.contiguous(), _CLASS_COSTS[class_cost], float(w_class),
@@ -345,24 +361,35 @@ def _cxcywh_to_xyxy(b):
 def match_cost_fallback(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets,
                         class_cost="focal", w_class=2.0, w_bbox=5.0, w_giou=2.0, alpha=0.25,
                         gamma=2.0):
-    """Compact eager reference: (B, Q, T) blocks, never the (B*Q, sum T) matrix."""
-    logits = pred_logits.float()
-    boxes, tgt = pred_boxes.float(), tgt_boxes.float()
+    """Compact eager reference: (B, Q, T) blocks, never the (B*Q, sum T) matrix.
+
+    Same contract as match_cost (float64 in, float64 out; else float32). Invalid counts or labels,
+    which match_cost checks on CPU only, give NaN as the CUDA kernel does.
+    """
+    dtype = torch.float64 if torch.float64 in (pred_logits.dtype, pred_boxes.dtype,
+                                                tgt_boxes.dtype) else torch.float32
+    logits = pred_logits.to(dtype)
+    boxes, tgt = pred_boxes.to(dtype), tgt_boxes.to(dtype)
     B, Q, C = logits.shape
     T = tgt_labels.shape[1]
-    labels = tgt_labels.clamp(0, max(C - 1, 0))[:, None, :].expand(B, Q, T)  # (B, Q, T)
+    label_ok = (tgt_labels >= 0) & (tgt_labels < C)  # (B, T)
+    labels = torch.where(label_ok, tgt_labels, 0)[:, None, :].expand(B, Q, T)  # (B, Q, T)
     if class_cost == "focal":
-        p = logits.sigmoid().gather(2, labels)
-        neg = (1 - alpha) * p.pow(gamma) * -(1 - p + 1e-8).log()
-        pos = alpha * (1 - p).pow(gamma) * -(p + 1e-8).log()
+        x = logits.gather(2, labels)  # only the T logits each query is matched against
+        p, q = x.sigmoid(), (-x).sigmoid()  # p and 1 - p, each to full relative precision
+        pos = alpha * q.pow(gamma) * -(p + 1e-8).log()
+        neg = (1 - alpha) * p.pow(gamma) * -(q + 1e-8).log()
         cost_class = pos - neg
     else:
         cost_class = -logits.softmax(-1).gather(2, labels)
     cost_bbox = (boxes[:, :, None, :] - tgt[:, None, :, :]).abs().sum(-1)  # (B, Q, T)
     giou, _ = pairwise_giou_fallback(_cxcywh_to_xyxy(boxes), _cxcywh_to_xyxy(tgt))
     cost = w_class * cost_class + w_bbox * cost_bbox - w_giou * giou
-    valid = torch.arange(T, device=cost.device)[None, None, :] < num_targets[:, None, None]
-    return torch.where(valid, cost, torch.zeros((), device=cost.device))
+    t = torch.arange(T, device=cost.device)
+    real = t[None, None, :] < num_targets[:, None, None]  # (B, 1, T)
+    cost = torch.where(real, cost, torch.zeros((), dtype=dtype, device=cost.device))
+    bad = (real & ~label_ok[:, None, :]) | ((num_targets < 0) | (num_targets > T))[:, None, None]
+    return cost.masked_fill(bad, float("nan"))
 
 
 # ------------------------------------------------------------------------------------------
