@@ -13,8 +13,9 @@ Matching (performance.md 1.1 and 2):
                           fastest CPU solvers known to performance.md 1.3, when lapx is installed.
 
 Deformable attention (performance.md 3.1, 5.2):
-    official_msda         the official Deformable-DETR CUDA kernel, when bench/build_official_msda.sh
-                          has built it in the git-ignored folder bench/_anchors/Deformable-DETR.
+    official_msda         the official Deformable-DETR CUDA kernel, when
+                          bench/build_official_msda.sh has built it in the git-ignored folder
+                          bench/_anchors/Deformable-DETR.
                           Its code is never committed here; we only load the built module.
 The grid_sample fallback is common.ops.ms_deform_attn_fallback and is not repeated here.
 

@@ -518,7 +518,6 @@ def _msda_fwd_bwd(impl, x):
 
 
 def run_msda(bench, device, threads, extra_threads=False):
-    args = bench.args
     on_cuda = device == "cuda"
     if bench.quick:
         cases = [("encoder", QUICK_LEVELS, sum(h * w for h, w in QUICK_LEVELS)),
@@ -951,7 +950,8 @@ def parse_args(argv=None):
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad or not args.sections:
-        p.error(f"--only takes a comma-separated subset of {', '.join(SECTIONS)}; got {args.only!r}")
+        p.error(f"--only takes a comma-separated subset of {', '.join(SECTIONS)}; "
+                f"got {args.only!r}")
     if args.threads < 1 or (args.also_threads is not None and args.also_threads < 1):
         p.error("--threads and --also-threads must be >= 1")
     if args.reps is None:
