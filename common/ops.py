@@ -330,13 +330,15 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
     _check_same_device(pred_logits=pred_logits, pred_boxes=pred_boxes, tgt_labels=tgt_labels,
                        tgt_boxes=tgt_boxes, num_targets=num_targets)
     if num_targets.device.type == "cpu" and B > 0:  # on CUDA these checks would sync
-        if int(num_targets.min()) < 0 or int(num_targets.max()) > T:
-            raise ValueError(f"num_targets must lie in [0, T={T}], got {num_targets.tolist()}")
-        valid = torch.arange(T)[None, :] < num_targets[:, None]
-        labels = tgt_labels[valid]
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= C):
-            raise ValueError(f"tgt_labels must lie in [0, C={C}) for real targets, got "
-                             f"min {int(labels.min())}, max {int(labels.max())}")
+        counts = num_targets.tolist()
+        if min(counts) < 0 or max(counts) > T:
+            raise ValueError(f"num_targets must lie in [0, T={T}], got {counts}")
+        if T > 0:
+            padded = torch.arange(T)[None, :] >= num_targets[:, None]  # (B, T)
+            lo, hi = (int(v) for v in tgt_labels.masked_fill(padded, 0).aminmax())
+            if lo < 0 or hi >= C:
+                raise ValueError(f"tgt_labels must lie in [0, C={C}) for real targets, got "
+                                 f"min {lo}, max {hi}")
     ext = _ext_for(pred_logits.device)
     if ext is None:
         return match_cost_fallback(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets,
@@ -346,7 +348,9 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
                                 tgt_boxes.dtype)
     if pred_logits.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
-    pred_logits, pred_boxes, tgt_boxes = (t.to(dtype) for t in (pred_logits, pred_boxes, tgt_boxes))
+    if not (pred_logits.dtype == pred_boxes.dtype == tgt_boxes.dtype == dtype):
+        pred_logits, pred_boxes, tgt_boxes = (t.to(dtype)
+                                              for t in (pred_logits, pred_boxes, tgt_boxes))
     return ext.match_cost(pred_logits.contiguous(), pred_boxes.contiguous(),
                           tgt_labels.contiguous(), tgt_boxes.contiguous(),
                           num_targets.contiguous(), _CLASS_COSTS[class_cost], float(w_class),
