@@ -34,6 +34,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -135,6 +136,11 @@ struct Workspace {
   // final spc; step k relaxed from visit_row[k] and then scanned scan_col[k].
   std::vector<int32_t> visit_row, scan_col, touched, path;
   std::vector<double> visit_min, scan_spc;
+  std::vector<int32_t> order;  // output order (transposed case)
+  // Between images v is 0 and row4col is -1 everywhere (solve_image resets the few entries an
+  // image changed), and remaining / pos hold scipy's initial order for order_nc columns (every
+  // search restores it), so an image costs no O(columns) initialisation.
+  int64_t order_nc = -1;
 
   template <typename S>
   std::vector<S>& matrix();
@@ -149,10 +155,10 @@ Workspace& thread_workspace() {
   return ws;
 }
 
-// Grow-only resize (never shrinks, so steady-state calls allocate nothing).
+// Grow-only resize (never shrinks, so steady-state calls allocate nothing); new entries = fill.
 template <typename T>
-T* reserve(std::vector<T>& x, int64_t n) {
-  if (static_cast<int64_t>(x.size()) < n) x.resize(n);
+T* reserve(std::vector<T>& x, int64_t n, T fill = T()) {
+  if (static_cast<int64_t>(x.size()) < n) x.resize(n, fill);
   return x.data();
 }
 
@@ -347,10 +353,10 @@ int32_t select(const double* spc, const double* chunk_min, int64_t ld, double lo
 template <class V, typename S>
 int solve(const S* C, int64_t nr, int64_t nc, int64_t ld, Workspace& ws) {
   double* u = reserve(ws.u, nr);
-  double* v = reserve(ws.v, ld);
+  double* v = reserve(ws.v, ld, 0.0);
   double* spc = reserve(ws.spc, ld);
   double* chunk_min = reserve(ws.chunk_min, (ld + kChunk - 1) / kChunk * 8);
-  int32_t* row4col = reserve(ws.row4col, ld);
+  int32_t* row4col = reserve(ws.row4col, ld, -1);
   int32_t* col4row = reserve(ws.col4row, nr);
   int32_t* remaining = reserve(ws.remaining, nc);
   int32_t* pos = reserve(ws.pos, nc);
@@ -361,12 +367,13 @@ int solve(const S* C, int64_t nr, int64_t nc, int64_t ld, Workspace& ws) {
   double* scan_spc = reserve(ws.scan_spc, nr);
   int32_t* path = reserve(ws.path, 2 * nr);
   std::fill(u, u + nr, 0.0);
-  std::fill(v, v + ld, 0.0);
-  std::fill(row4col, row4col + ld, -1);
   std::fill(col4row, col4row + nr, -1);
-  for (int32_t p = 0; p < nc; ++p) {  // scipy fills its scan list in reverse column order
-    remaining[p] = static_cast<int32_t>(nc - 1 - p);
-    pos[nc - 1 - p] = p;
+  if (ws.order_nc != nc) {  // scipy fills its scan list in reverse column order
+    for (int32_t p = 0; p < nc; ++p) {
+      remaining[p] = static_cast<int32_t>(nc - 1 - p);
+      pos[nc - 1 - p] = p;
+    }
+    ws.order_nc = nc;
   }
 
   for (int64_t cur_row = 0; cur_row < nr; ++cur_row) {
@@ -379,7 +386,10 @@ int solve(const S* C, int64_t nr, int64_t nc, int64_t ld, Workspace& ws) {
       const double lowest =
           steps == 0 ? relax<V, S, true>(C + i * ld, v, spc, chunk_min, ld, min_val, u[i])
                      : relax<V, S, false>(C + i * ld, v, spc, chunk_min, ld, min_val, u[i]);
-      if (!(lowest < kInf)) return kInfeasible;  // no finite path: every column is forbidden
+      if (!(lowest < kInf)) {  // no finite path: every column is forbidden
+        ws.order_nc = -1;        // (the scan list is left mid-search)
+        return kInfeasible;
+      }
       const int32_t j = select<V>(spc, chunk_min, ld, lowest, row4col, pos);
       visit_row[steps] = static_cast<int32_t>(i);
       visit_min[steps] = min_val;
@@ -470,23 +480,28 @@ int solve_image(const S* cost, int64_t N, int64_t M, int64_t nc_valid, bool scal
 
   const int status = (DETRKD_LSA_SIMD && !scalar) ? solve<Simd, S>(C, nr, nc, ld, ws)
                                                   : solve<Scalar, S>(C, nr, nc, ld, ws);
-  if (status != kOk) return status;
-  if (transposed) {  // our columns are the input's rows: list them in ascending order
-    int64_t k = 0;
-    for (int64_t j = 0; j < nc; ++j) {
-      if (ws.row4col[j] >= 0) {
-        out_rows[k] = j;
-        out_cols[k] = ws.row4col[j];
-        ++k;
-      }
+  const int32_t* col4row = ws.col4row.data();
+  if (status == kOk && transposed) {  // our columns are the input's rows: ascending, as scipy
+    int32_t* order = reserve(ws.order, nr);
+    std::iota(order, order + nr, 0);
+    std::sort(order, order + nr, [&](int32_t a, int32_t b) { return col4row[a] < col4row[b]; });
+    for (int64_t k = 0; k < nr; ++k) {
+      out_rows[k] = col4row[order[k]];
+      out_cols[k] = order[k];
     }
-  } else {
+  } else if (status == kOk) {
     for (int64_t i = 0; i < nr; ++i) {
       out_rows[i] = i;
-      out_cols[i] = ws.col4row[i];
+      out_cols[i] = col4row[i];
     }
   }
-  return kOk;
+  for (int64_t i = 0; i < nr; ++i) {  // only assigned columns had v or row4col changed
+    if (col4row[i] >= 0) {
+      ws.v[col4row[i]] = 0.0;
+      ws.row4col[col4row[i]] = -1;
+    }
+  }
+  return status;
 }
 
 }  // namespace

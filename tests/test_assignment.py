@@ -181,6 +181,8 @@ def test_non_finite_cost_raises(bad_value, dtype):
         # validate=False: no error, the status says it (row_ind of that image stays -1)
         out = ops.linear_sum_assignment(cost, validate=False)
         assert len(out) == 3 and (out[2][0] == -1).all()
+        for b, (r_ref, c_ref) in enumerate(scipy_reference(cost[:2])):  # the others are solved
+            assert out[b][0].tolist() == r_ref.tolist() and out[b][1].tolist() == c_ref.tolist()
 
 
 def test_bad_input_raises():
