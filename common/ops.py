@@ -412,6 +412,12 @@ def linear_sum_assignment(cost, sizes=None, validate=True):
     Returns:
         for (N, M): (row_ind, col_ind), int64 tensors on cost's device, row_ind ascending, as
         ``scipy.optimize.linear_sum_assignment``; for (B, N, M): a list of B such tuples.
+
+    The extension runs scipy's own algorithm (shortest augmenting path, Crouse 2016, float64
+    duals) with scipy's tie order, so it returns scipy's assignment, ties included, not just an
+    equally cheap one; images are solved in parallel (CPU threads; one CUDA block each). Half
+    precision costs are solved in float32. Unlike scipy, +inf entries (forbidden pairs) are
+    rejected too: mask them with a large finite cost.
     """
     _check_tensor("cost", cost, ndim=(2, 3), floating=True)
     unbatched = cost.dim() == 2
