@@ -133,16 +133,16 @@ TargetArrays<scalar_t> make_target_arrays(const at::Tensor& tgt_labels, const at
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < tg.stride; ++t) {
       const int64_t i = b * tg.stride + t;
-      const bool real = t < n_tgt[b];
-      const scalar_t* box = boxes + 4 * (b * T + t);
-      // padding: the unit box centred at (0.5, 0.5); its costs are computed and thrown away
-      cx[i] = real ? box[0] : scalar_t(0.5);
-      cy[i] = real ? box[1] : scalar_t(0.5);
-      w[i] = real ? box[2] : scalar_t(1);
-      h[i] = real ? box[3] : scalar_t(1);
+      if (t < n_tgt[b]) {  // a real target; its label was checked to lie in [0, C)
+        const scalar_t* box = boxes + 4 * (b * T + t);
+        cx[i] = box[0], cy[i] = box[1], w[i] = box[2], h[i] = box[3];
+        tg.label[i] = static_cast<int32_t>(labels[b * T + t]);
+      } else {  // padding: the unit box at (0.5, 0.5), label 0; its costs are thrown away
+        cx[i] = cy[i] = scalar_t(0.5), w[i] = h[i] = scalar_t(1);
+        tg.label[i] = 0;
+      }
       cxcywh_to_xyxy(cx[i], cy[i], w[i], h[i], x1[i], y1[i], x2[i], y2[i]);
       area[i] = box_area(x1[i], y1[i], x2[i], y2[i]);
-      tg.label[i] = real ? static_cast<int32_t>(labels[b * T + t]) : 0;  // checked: in [0, C)
     }
   }
   tg.cx = cx, tg.cy = cy, tg.w = w, tg.h = h, tg.x1 = x1, tg.y1 = y1, tg.x2 = x2, tg.y2 = y2;
