@@ -110,70 +110,111 @@ Dims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
 }
 
 // ---------------------------------------------------------------------------------------------
-// CPU forward: parallel over (b, q). For each head, the output row (Dh channels, contiguous)
-// accumulates  sum_{l,p} sum_c (A * w_c) * V[corner c]  in one pass over the channels per point.
-// Corners outside the map point at a row of zeros so the blend has no branches. DH > 0 fixes the
-// channel count at compile time (the common 32 and 64) so the channel loops unroll completely.
+// CPU kernels. Both walk (b, q, head) "items" of L * P sample points in a software pipeline:
+// while the channel loops of item i run, the corners of item i + 1 are already computed and
+// their value rows prefetched, so the scattered row reads overlap with arithmetic instead of
+// stalling it. Corners outside the map point at a row of zeros (and, in the backward, write into
+// a scratch row) so the channel loops have no branches. DH > 0 fixes the channel count at
+// compile time (the common 32 and 64) so those loops unroll completely.
 // ---------------------------------------------------------------------------------------------
+
+// Prefetches the n elements at p into cache, for reading (RW = 0) or writing (RW = 1).
+template <int RW, typename scalar_t>
+inline void prefetch_row(const scalar_t* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
+    __builtin_prefetch(c + off, RW, 3);
+  }
+}
+
+// One sample point made ready for the forward channel loop: four corner rows, and their
+// bilinear weights already multiplied by the point's attention weight.
+template <typename scalar_t>
+struct ForwardTap {
+  const scalar_t* v[4];
+  scalar_t w[4];
+};
+
+// Forward, parallel over (b, q):
+//   out[b, q, h, :] = sum_{l, p} sum_c (A * w_c) * V[corner c]     (one pass per point)
 template <typename scalar_t, int DH>
 void forward_cpu(const Dims& d, const scalar_t* value, const int64_t* shapes,
                  const int64_t* starts, const scalar_t* loc, const scalar_t* attn,
                  scalar_t* out) {
   const int64_t Dh = DH > 0 ? DH : d.Dh;
+  const int64_t LP = d.L * d.P;
   const int64_t row_stride = d.H * Dh;  // between consecutive spatial rows of one head
   const std::vector<scalar_t> zeros(Dh, scalar_t(0));
   at::parallel_for(0, d.B * d.Q, 16, [&](int64_t begin, int64_t end) {
-    Corners<scalar_t> k;
-    for (int64_t bq = begin; bq < end; ++bq) {
-      const int64_t b = bq / d.Q;
-      for (int64_t h = 0; h < d.H; ++h) {
-        scalar_t* o = out + (bq * d.H + h) * Dh;  // (Dh,)
-        for (int64_t c = 0; c < Dh; ++c) o[c] = scalar_t(0);
-        // value rows of image b, head h: row r starts at v_bh + r * row_stride
-        const scalar_t* v_bh = value + (b * d.S * d.H + h) * Dh;
-        const int64_t point0 = (bq * d.H + h) * d.L * d.P;  // index of (b, q, h, 0, 0)
-        for (int64_t l = 0; l < d.L; ++l) {
-          const int64_t Hl = shapes[2 * l], Wl = shapes[2 * l + 1];
-          const scalar_t* v_l = v_bh + starts[l] * row_stride;
-          for (int64_t p = 0; p < d.P; ++p) {
-            const int64_t pt = point0 + l * d.P + p;
-            if (!bilinear_corners(loc[2 * pt], loc[2 * pt + 1], Hl, Wl, k)) continue;
-            const scalar_t a = attn[pt];
-            const scalar_t w0 = a * k.weight[0], w1 = a * k.weight[1];
-            const scalar_t w2 = a * k.weight[2], w3 = a * k.weight[3];
-            const scalar_t* v0 = k.row[0] >= 0 ? v_l + k.row[0] * row_stride : zeros.data();
-            const scalar_t* v1 = k.row[1] >= 0 ? v_l + k.row[1] * row_stride : zeros.data();
-            const scalar_t* v2 = k.row[2] >= 0 ? v_l + k.row[2] * row_stride : zeros.data();
-            const scalar_t* v3 = k.row[3] >= 0 ? v_l + k.row[3] * row_stride : zeros.data();
-#pragma omp simd
-            for (int64_t c = 0; c < Dh; ++c) {
-              o[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
-            }
+    std::vector<ForwardTap<scalar_t>> taps(2 * LP);  // items i and i + 1
+    // Prepares item bqh = (b * Q + q) * H + h: its points are bqh * LP ... + LP - 1.
+    const auto gather = [&](int64_t bqh, ForwardTap<scalar_t>* tap) {
+      const int64_t b = bqh / (d.Q * d.H), h = bqh % d.H;
+      const scalar_t* v_bh = value + (b * d.S * d.H + h) * Dh;  // row r: v_bh + r * row_stride
+      Corners<scalar_t> k;
+      for (int64_t l = 0; l < d.L; ++l) {
+        const scalar_t* v_l = v_bh + starts[l] * row_stride;
+        for (int64_t p = 0; p < d.P; ++p) {
+          const int64_t pt = bqh * LP + l * d.P + p;
+          ForwardTap<scalar_t>& t = tap[l * d.P + p];
+          const bool any = bilinear_corners(loc[2 * pt], loc[2 * pt + 1], shapes[2 * l],
+                                            shapes[2 * l + 1], k);
+          for (int c = 0; c < 4; ++c) {
+            const bool in = any && k.row[c] >= 0;
+            t.v[c] = in ? v_l + k.row[c] * row_stride : zeros.data();
+            t.w[c] = in ? attn[pt] * k.weight[c] : scalar_t(0);
+            if (in) prefetch_row<0>(t.v[c], Dh);
           }
+        }
+      }
+    };
+    const int64_t first = begin * d.H, last = end * d.H;
+    gather(first, taps.data());
+    for (int64_t i = first; i < last; ++i) {
+      const ForwardTap<scalar_t>* tap = taps.data() + ((i - first) & 1) * LP;
+      if (i + 1 < last) gather(i + 1, taps.data() + ((i + 1 - first) & 1) * LP);
+      scalar_t* o = out + i * Dh;  // (Dh,) = out[b, q, h * Dh : (h + 1) * Dh]
+      for (int64_t c = 0; c < Dh; ++c) o[c] = scalar_t(0);
+      for (int64_t j = 0; j < LP; ++j) {
+        const ForwardTap<scalar_t>& t = tap[j];
+        const scalar_t *v0 = t.v[0], *v1 = t.v[1], *v2 = t.v[2], *v3 = t.v[3];
+        const scalar_t w0 = t.w[0], w1 = t.w[1], w2 = t.w[2], w3 = t.w[3];
+#pragma omp simd
+        for (int64_t c = 0; c < Dh; ++c) {
+          o[c] += w0 * v0[c] + w1 * v1[c] + w2 * v2[c] + w3 * v3[c];
         }
       }
     }
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// CPU backward, without atomics. For every sample point, with g = grad_out[b, q, h, :]:
+// One sample point made ready for the backward channel loop.
+template <typename scalar_t>
+struct BackwardTap {
+  const scalar_t* v[4];  // corner rows of value (zeros outside the map)
+  scalar_t* gv[4];       // the same rows of grad_value (a scratch row outside the map)
+  Corners<scalar_t> k;   // bilinear weights and their derivatives
+  scalar_t a;            // attention weight
+  bool any;              // false: the point is wholly outside the map (zero gradients)
+};
+
+// Backward, without atomics. For every sample point, with g = grad_out[b, q, h, :]:
 //   grad_value[corner c] += A * w_c * g
 //   grad_attn            = <g, sum_c w_c V_c>
 //   grad_loc (x, y)      = A * (<g, sum_c dw_c/dx V_c>, <g, sum_c dw_c/dy V_c>)
 // all in one pass over the channels (the three dot products are SIMD reductions).
 // Threads never write the same grad_value element: each task owns one image and a chunk of
-// heads. Heads stay together inside a task (the loop runs q, then head) because the rows of one
-// head lie H * Dh apart: a task that walked a single head would touch one short row per
-// H * Dh * sizeof(scalar_t) bytes (1 KB for 8 x 32 floats), a stride that maps every row onto a
-// few cache sets and thrashes them. The chunks are only as small as needed to feed the threads.
-// ---------------------------------------------------------------------------------------------
+// heads, so there are no atomics and the result does not depend on the thread count. Heads stay
+// together inside a task (the loop runs q, then head) as in the forward: the rows of one head
+// lie H * Dh apart, and walking one head at a time (or a head-major copy of value) measured
+// slower here. The chunks are only as small as needed to feed the threads.
 template <typename scalar_t, int DH>
 void backward_cpu(const Dims& d, const scalar_t* value, const int64_t* shapes,
                   const int64_t* starts, const scalar_t* loc, const scalar_t* attn,
                   const scalar_t* grad_out, scalar_t* grad_value, scalar_t* grad_loc,
                   scalar_t* grad_attn) {
   const int64_t Dh = DH > 0 ? DH : d.Dh;
+  const int64_t LP = d.L * d.P;
   const int64_t row_stride = d.H * Dh;
   const std::vector<scalar_t> zeros(Dh, scalar_t(0));
   const int64_t threads = at::get_num_threads();
@@ -181,57 +222,74 @@ void backward_cpu(const Dims& d, const scalar_t* value, const int64_t* shapes,
   const int64_t chunk = (d.H + n_chunks - 1) / n_chunks;  // heads per task
   at::parallel_for(0, d.B * n_chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> sink(Dh);  // where corners outside the map "write" their gradient
-    Corners<scalar_t> k;
+    std::vector<BackwardTap<scalar_t>> taps(2 * LP);
+    const auto gather = [&](int64_t bqh, BackwardTap<scalar_t>* tap) {
+      const int64_t b = bqh / (d.Q * d.H), h = bqh % d.H;
+      const int64_t head_offset = (b * d.S * d.H + h) * Dh;  // row r: + r * row_stride
+      for (int64_t l = 0; l < d.L; ++l) {
+        const int64_t level_offset = head_offset + starts[l] * row_stride;
+        for (int64_t p = 0; p < d.P; ++p) {
+          const int64_t pt = bqh * LP + l * d.P + p;
+          BackwardTap<scalar_t>& t = tap[l * d.P + p];
+          t.any = bilinear_corners(loc[2 * pt], loc[2 * pt + 1], shapes[2 * l],
+                                   shapes[2 * l + 1], t.k);
+          t.a = attn[pt];
+          for (int c = 0; c < 4; ++c) {
+            const bool in = t.any && t.k.row[c] >= 0;
+            const int64_t off = level_offset + t.k.row[c] * row_stride;
+            t.v[c] = in ? value + off : zeros.data();
+            t.gv[c] = in ? grad_value + off : sink.data();
+            if (in) {
+              prefetch_row<0>(t.v[c], Dh);
+              prefetch_row<1>(t.gv[c], Dh);
+            }
+          }
+        }
+      }
+    };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_chunks;
       const int64_t h_begin = (task % n_chunks) * chunk, h_end = std::min(d.H, h_begin + chunk);
-      for (int64_t q = 0; q < d.Q; ++q) {
-        for (int64_t h = h_begin; h < h_end; ++h) {
-          const int64_t bqh = (b * d.Q + q) * d.H + h;
-          const scalar_t* g = grad_out + bqh * Dh;  // (Dh,)
-          const scalar_t* v_bh = value + (b * d.S * d.H + h) * Dh;
-          scalar_t* gv_bh = grad_value + (b * d.S * d.H + h) * Dh;
-          for (int64_t l = 0; l < d.L; ++l) {
-            const int64_t Hl = shapes[2 * l], Wl = shapes[2 * l + 1];
-            const scalar_t* v_l = v_bh + starts[l] * row_stride;
-            scalar_t* gv_l = gv_bh + starts[l] * row_stride;
-            for (int64_t p = 0; p < d.P; ++p) {
-              const int64_t pt = (bqh * d.L + l) * d.P + p;
-              if (!bilinear_corners(loc[2 * pt], loc[2 * pt + 1], Hl, Wl, k)) {
-                grad_attn[pt] = grad_loc[2 * pt] = grad_loc[2 * pt + 1] = scalar_t(0);
-                continue;
-              }
-              const scalar_t a = attn[pt];
-              const scalar_t* v[4];
-              scalar_t* gv[4];
-              scalar_t aw[4];
-              for (int c = 0; c < 4; ++c) {
-                const bool in = k.row[c] >= 0;
-                v[c] = in ? v_l + k.row[c] * row_stride : zeros.data();
-                gv[c] = in ? gv_l + k.row[c] * row_stride : sink.data();
-                aw[c] = a * k.weight[c];
-              }
-              scalar_t ga = 0, gx = 0, gy = 0;
-#pragma omp simd reduction(+ : ga, gx, gy)
-              for (int64_t c = 0; c < Dh; ++c) {
-                const scalar_t gc = g[c];
-                const scalar_t v0 = v[0][c], v1 = v[1][c], v2 = v[2][c], v3 = v[3][c];
-                ga += gc * (k.weight[0] * v0 + k.weight[1] * v1 + k.weight[2] * v2 +
-                            k.weight[3] * v3);
-                gx += gc * (k.dweight_dx[0] * v0 + k.dweight_dx[1] * v1 +
-                            k.dweight_dx[2] * v2 + k.dweight_dx[3] * v3);
-                gy += gc * (k.dweight_dy[0] * v0 + k.dweight_dy[1] * v1 +
-                            k.dweight_dy[2] * v2 + k.dweight_dy[3] * v3);
-                gv[0][c] += aw[0] * gc;
-                gv[1][c] += aw[1] * gc;
-                gv[2][c] += aw[2] * gc;
-                gv[3][c] += aw[3] * gc;
-              }
-              grad_attn[pt] = ga;
-              grad_loc[2 * pt] = a * gx;
-              grad_loc[2 * pt + 1] = a * gy;
-            }
+      const int64_t nh = h_end - h_begin;
+      // items j = 0 .. Q * nh - 1 walk q, then the chunk's heads
+      const auto item = [&](int64_t j) { return (b * d.Q + j / nh) * d.H + h_begin + j % nh; };
+      if (nh <= 0 || d.Q == 0) continue;
+      gather(item(0), taps.data());
+      for (int64_t j = 0; j < d.Q * nh; ++j) {
+        const int64_t bqh = item(j);
+        BackwardTap<scalar_t>* tap = taps.data() + (j & 1) * LP;
+        if (j + 1 < d.Q * nh) gather(item(j + 1), taps.data() + ((j + 1) & 1) * LP);
+        const scalar_t* g = grad_out + bqh * Dh;  // (Dh,)
+        for (int64_t i = 0; i < LP; ++i) {
+          const BackwardTap<scalar_t>& t = tap[i];
+          const int64_t pt = bqh * LP + i;
+          if (!t.any) {
+            grad_attn[pt] = grad_loc[2 * pt] = grad_loc[2 * pt + 1] = scalar_t(0);
+            continue;
           }
+          const Corners<scalar_t>& k = t.k;
+          const scalar_t *v0 = t.v[0], *v1 = t.v[1], *v2 = t.v[2], *v3 = t.v[3];
+          scalar_t *gv0 = t.gv[0], *gv1 = t.gv[1], *gv2 = t.gv[2], *gv3 = t.gv[3];
+          const scalar_t aw0 = t.a * k.weight[0], aw1 = t.a * k.weight[1];
+          const scalar_t aw2 = t.a * k.weight[2], aw3 = t.a * k.weight[3];
+          scalar_t ga = 0, gx = 0, gy = 0;
+#pragma omp simd reduction(+ : ga, gx, gy)
+          for (int64_t c = 0; c < Dh; ++c) {
+            const scalar_t gc = g[c];
+            ga += gc * (k.weight[0] * v0[c] + k.weight[1] * v1[c] + k.weight[2] * v2[c] +
+                        k.weight[3] * v3[c]);
+            gx += gc * (k.dweight_dx[0] * v0[c] + k.dweight_dx[1] * v1[c] +
+                        k.dweight_dx[2] * v2[c] + k.dweight_dx[3] * v3[c]);
+            gy += gc * (k.dweight_dy[0] * v0[c] + k.dweight_dy[1] * v1[c] +
+                        k.dweight_dy[2] * v2[c] + k.dweight_dy[3] * v3[c]);
+            gv0[c] += aw0 * gc;
+            gv1[c] += aw1 * gc;
+            gv2[c] += aw2 * gc;
+            gv3[c] += aw3 * gc;
+          }
+          grad_attn[pt] = ga;
+          grad_loc[2 * pt] = t.a * gx;
+          grad_loc[2 * pt + 1] = t.a * gy;
         }
       }
     }
@@ -311,3 +369,4 @@ std::vector<at::Tensor> ms_deform_attn_backward(const at::Tensor& value,
   });
   return {grad_value, grad_loc, grad_attn};
 }
+
