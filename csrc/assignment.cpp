@@ -18,15 +18,17 @@
 //   * relax runs over the columns in natural order, 8 (AVX-512) or 4 (AVX2) doubles at a time;
 //     a visited column is marked by spc = NaN, which fails every comparison, so it is neither
 //     updated nor selected, with no mask. The value of spc kept for each column is scipy's.
-//   * select is a second, cheap pass over spc == min: almost always one column; when several tie,
-//     assignment.h's tie_key picks the one scipy's scan order picks.
+//   * select finds the columns with spc == min, reading only the 64-column chunks whose minimum
+//     (kept by relax) is it: almost always one column; when several tie, assignment.h's tie_key
+//     picks the one scipy's scan order picks.
 //   * scipy's `path` array (the row that last lowered spc[j]) is not stored during relax: it is
 //     only needed for the few columns on the augmenting path, and recomputed for them afterwards
 //     from the same float64 expressions.
 //   * the dual updates touch only the visited rows and columns, kept in short lists.
 //   * the working matrix is a padded copy (rows <= columns, row stride a multiple of 8, padding
 //     +inf), transposed 8 x 8 at a time with AVX when needed; the finiteness check rides along.
-//   * work arrays are thread_local and reused; images run in parallel (at::parallel_for).
+//   * work arrays are thread_local and reused without O(columns) re-initialisation per image;
+//     images run in parallel (at::parallel_for).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
