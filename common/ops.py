@@ -133,8 +133,10 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         (B, Q, H * Dh): sum over levels and points of weight x bilinear sample, exactly
         ``F.grid_sample(align_corners=False, padding_mode='zeros')`` semantics.
 
-    value, locations and weights share one dtype (fp32/fp64 on CPU; fp32/fp16/bf16 on CUDA,
-    accumulated in fp32) and are differentiable.
+    value, locations and weights share one dtype (fp32/fp64 on CPU; fp32/fp16/bf16, and fp64, on
+    CUDA, with fp16/bf16 accumulated in fp32) and are differentiable. The extension's backward
+    is deterministic on CPU (no atomics); on CUDA grad_value is summed with atomics, so its last
+    bits vary from run to run, as with grid_sample.
     """
     _check_tensor("value", value, ndim=4, floating=True)
     _check_tensor("spatial_shapes", spatial_shapes, ndim=2, last=2, dtype=torch.int64)

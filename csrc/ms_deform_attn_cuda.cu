@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int64_t r = start + kc.row[c];
-            if (kc.row[c] < 0 || r >= n.S) continue;  // outside the map (or a bad level table)
+            if (kc.row[c] < 0 || r < 0 || r >= n.S) continue;  // outside (or a bad level table)
             const acc_t w = a * kc.weight[c];
             const scalar_t* vr = v_bh + r * row_stride;
 #pragma unroll
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kBlock)
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             const int64_t r = start + kc.row[c];
-            offset[c] = (kc.row[c] < 0 || r >= n.S) ? -1 : head_offset + r * row_stride;
+            offset[c] = (kc.row[c] < 0 || r < 0 || r >= n.S) ? -1 : head_offset + r * row_stride;
             dot[c] = acc_t(0);
           }
           for (int64_t ch = lane; ch < n.Dh; ch += G) {
