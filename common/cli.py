@@ -106,6 +106,9 @@ def resolve(args, default_variant="deformable_detr"):
     """Fill unset flags from the preset, then from the variant's config. Returns
     (args, model_overrides)."""
     from common.detr import CONFIGS
+    args.model_from_flags = bool(args.variant or args.preset or any(
+        getattr(args, n) is not None for n in list(MODEL_FLAGS) + ["with_box_refine",
+                                                                   "two_stage"]))
     preset = dict(PRESETS[args.preset]) if args.preset else {}
     if args.variant is None:
         args.variant = preset.get("variant", default_variant)

@@ -403,6 +403,88 @@ def resume(module, optimizer, lr_scheduler, path):
     return int(ckpt["epoch"]) + 1
 
 
+def run_training(args, build_module, teacher_path=None):
+    """The job of methods/baseline.py and of every method script: data, (teacher,) student,
+    the training module, COCO evaluation, then ``fit`` (or ``--eval`` only).
+
+    ``build_module(student, num_classes, teacher) -> training module`` (see the top of this
+    file); ``teacher`` is None for the baseline, else the frozen teacher loaded from
+    ``teacher_path``. Returns the last epoch's stats (or the evaluation's, with --eval).
+    """
+    from common.criterion import build_postprocess
+    from common.data import build_dataset, collate
+    from common.detr import build_model
+    from common.distill import freeze, load_detector
+    from common.evaluate import CocoEvaluator
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = init_distributed(args.device)
+    seed_everything(args.seed, info.rank)
+    dataset_train = build_dataset("train", args)
+    dataset_val = build_dataset("val", args)
+    num_classes = dataset_train.num_classes
+    if args.eval and not args.model_from_flags:
+        student = load_detector(args.resume, num_classes, info.device)  # as the checkpoint says
+    else:
+        student = build_model(args.variant, num_classes, **args.model_overrides).to(info.device)
+    teacher = None
+    if teacher_path is not None:
+        teacher = freeze(load_detector(teacher_path, num_classes, info.device))
+    module = build_module(student, num_classes, teacher).to(info.device)
+    if teacher is not None and any(p.requires_grad for p in module.teacher.parameters()):
+        raise RuntimeError("the teacher must stay frozen")
+    postprocess = build_postprocess(student)
+    if info.is_main:
+        what = ", ".join(f"{k}={v}" for k, v in student.cfg.__dict__.items()
+                         if k in args.model_overrides)
+        print(f"student: {student.variant} ({what}), {num_classes} classes, device "
+              f"{info.device}, world size {info.world_size}" +
+              (f"; teacher: {teacher.variant} from {teacher_path}" if teacher else ""),
+              flush=True)
+
+    val_loader = make_loader(dataset_val, args.batch_size, collate, train=False,
+                             num_workers=args.num_workers, dist_info=info)
+    evaluator = CocoEvaluator.from_dataset(dataset_val)
+
+    def evaluate_fn(model):
+        return evaluate(model, postprocess, val_loader, evaluator, info.device, amp=args.amp,
+                        max_iters=args.max_iters)
+
+    optimizer = torch.optim.AdamW(
+        param_groups(module, args.lr, args.lr_backbone, student.cfg.lr_linear_proj_mult),
+        weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    start_epoch = 0
+    if args.resume and args.eval:
+        ckpt = load_checkpoint(args.resume)
+        if "model" not in ckpt:
+            raise ValueError(f"{args.resume} has no 'model' entry")
+        check_state_fits(student, ckpt["model"], f"checkpoint {args.resume}")
+        student.load_state_dict(ckpt["model"])
+    elif args.resume:
+        start_epoch = resume(module, optimizer, lr_scheduler, args.resume)
+    if args.eval:
+        stats = evaluate_fn(student)
+        if info.is_main:
+            print("eval: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
+        return stats
+
+    if info.distributed:
+        module = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    train_loader = make_loader(dataset_train, args.batch_size, collate, train=True,
+                               seed=args.seed, num_workers=args.num_workers, dist_info=info)
+    stats = fit(module, optimizer, lr_scheduler, train_loader, args=args, dist_info=info,
+                evaluate_fn=evaluate_fn, output_dir=args.output_dir, start_epoch=start_epoch,
+                epochs=args.epochs, clip_max_norm=args.clip_max_norm, amp=args.amp,
+                max_iters=args.max_iters, print_every=args.print_every)
+    if info.is_main and stats:
+        print("final: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()
+                                   if k.startswith("test_")), flush=True)
+    return stats
+
+
 def main_guard(fn):
     """Run ``fn()``; on a clear user error print it without a traceback and exit 2."""
     try:

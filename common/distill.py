@@ -1,0 +1,122 @@
+"""What the four method scripts share around their distiller: the teacher and the command line.
+
+A method script defines its config, its losses and one *distiller*: an nn.Module with
+``.teacher`` (frozen, eval mode, used under no_grad), ``.student``, ``.weight_dict``, and
+``forward(images, masks, targets) -> dict`` of named losses (the student's own detection losses
+plus each KD term under its own key). Its ``main()`` is
+
+    parser = distill.build_parser(__doc__)          # shared flags + --teacher
+    add_my_method_flags(parser)
+    args = distill.resolve(parser.parse_args(argv))
+    return engine.run_training(args, build_distiller, distill.ensure_teacher(args))
+
+``engine.run_training`` builds the data, the frozen teacher and the student, and trains. The
+checkpoint keeps the student (and the method's student-side modules), never the teacher; its
+"model" entry loads into ``methods/baseline.py --eval``.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from torch import nn
+
+from common import cli, engine
+from common.data import default_cache_dir
+from common.detr import build_model
+
+BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "methods", "baseline.py")
+
+
+def build_parser(description, default_preset="cpu-student"):
+    parser = cli.build_parser(description)
+    g = parser.add_argument_group("teacher")
+    g.add_argument("--teacher", default=None,
+                   help="teacher checkpoint.pth from methods/baseline.py; on the embedded data "
+                        "a missing teacher is trained first (--teacher-preset) and cached")
+    g.add_argument("--teacher-preset", dest="teacher_preset", default="cpu-teacher",
+                   choices=sorted(cli.PRESETS),
+                   help="preset of the teacher trained when --teacher is not given")
+    parser.set_defaults(preset=default_preset)
+    return parser
+
+
+def resolve(args):
+    args, _ = cli.resolve(args)
+    return args
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """The teacher: eval mode (no dropout, no denoising groups) and no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_detector(path, num_classes, device="cpu"):
+    """Rebuild a detector from a checkpoint of methods/baseline.py (or of a method script: its
+    "model" entry is the student), with the variant and model settings stored in it."""
+    ckpt = engine.load_checkpoint(path)
+    if "model" not in ckpt or "args" not in ckpt or "variant" not in ckpt["args"]:
+        raise ValueError(f"{path} is not a checkpoint of this project's training scripts (it "
+                         f"needs 'model' and 'args' with the variant)")
+    a = ckpt["args"]
+    model = build_model(a["variant"], num_classes, **a.get("model_overrides", {}))
+    engine.check_state_fits(model, ckpt["model"], f"checkpoint {path}")
+    model.load_state_dict(ckpt["model"])
+    return model.to(device)
+
+
+def teacher_cache_path(args):
+    """Where the embedded data's teacher for these data settings and preset is cached."""
+    key = {k: getattr(args, k) for k in ("synth", "synth_seed", "synth_num_train",
+                                         "synth_num_val", "image_size", "max_size", "max_iters")}
+    key.update(teacher_preset=args.teacher_preset, preset=cli.PRESETS[args.teacher_preset],
+               seed=args.seed)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    root = args.data_cache or str(default_cache_dir())
+    return os.path.join(root, "teachers", f"{args.teacher_preset}-{digest}", "checkpoint.pth")
+
+
+def ensure_teacher(args):
+    """The teacher checkpoint: --teacher, or on the embedded data the cached one, which is
+    trained now with methods/baseline.py when missing (its output is shown as it runs)."""
+    if args.teacher:
+        if not os.path.isfile(args.teacher):
+            raise FileNotFoundError(f"--teacher {args.teacher}: no such file")
+        return args.teacher
+    if args.data != "synthetic":
+        raise ValueError("--teacher PATH is required with --data coco (train a teacher with "
+                         "methods/baseline.py first)")
+    path = teacher_cache_path(args)
+    if os.path.isfile(path):
+        print(f"teacher: cached at {path}", flush=True)
+        return path
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ValueError(f"no cached teacher at {path}: run the same command once without "
+                         f"torchrun to train it, or pass --teacher")
+    folder = os.path.dirname(path)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".training-", dir=os.path.dirname(folder))
+    cmd = [sys.executable, BASELINE, "--preset", args.teacher_preset, "--output-dir", work,
+           "--seed", str(args.seed), "--device", args.device, "--num-workers",
+           str(args.num_workers), "--synth", args.synth, "--synth-seed", str(args.synth_seed),
+           "--synth-num-train", str(args.synth_num_train), "--synth-num-val",
+           str(args.synth_num_val)]
+    for flag, value in (("--data-cache", args.data_cache), ("--image-size", args.image_size),
+                        ("--max-size", args.max_size), ("--threads", args.threads),
+                        ("--max-iters", args.max_iters)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    print(f"teacher: none cached; training one with {' '.join(cmd[1:])}", flush=True)
+    try:
+        subprocess.run(cmd, check=True)
+        os.replace(work, folder)  # the cache entry appears whole or not at all
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
