@@ -41,6 +41,9 @@ def build_parser(description, default_preset="cpu-student"):
     g.add_argument("--teacher-preset", dest="teacher_preset", default="cpu-teacher",
                    choices=sorted(cli.PRESETS),
                    help="preset of the teacher trained when --teacher is not given")
+    g.add_argument("--baseline", action="store_true",
+                   help="also train (or reuse the cached) baseline student: the same student, "
+                        "seed and schedule without distillation, shown beside the result")
     parser.set_defaults(preset=default_preset)
     return parser
 
@@ -120,3 +123,93 @@ def ensure_teacher(args):
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return path
+
+
+# ------------------------------------------------------------------------------------------
+# The summary a method script ends with: teacher, baseline student, distilled student
+# ------------------------------------------------------------------------------------------
+
+_STUDENT_KEYS = ("variant", "model_overrides", "epochs", "lr", "lr_backbone", "lr_drop",
+                 "weight_decay", "clip_max_norm", "batch_size", "seed", "synth", "synth_seed",
+                 "synth_num_train", "synth_num_val", "image_size", "max_size", "max_iters")
+
+
+def baseline_cache_path(args):
+    """Where the baseline student of these settings (same student, seed and schedule) is
+    cached when the data is the embedded set."""
+    key = {k: getattr(args, k, None) for k in _STUDENT_KEYS}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    root = args.data_cache or str(default_cache_dir())
+    return os.path.join(root, "baselines", f"{args.variant}-{digest[:12]}", "checkpoint.pth")
+
+
+def ensure_baseline(args):
+    """Train the baseline student with methods/baseline.py (same flags, no distillation) unless
+    it is cached; returns its checkpoint path."""
+    path = baseline_cache_path(args)
+    if os.path.isfile(path):
+        return path
+    folder = os.path.dirname(path)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".training-", dir=os.path.dirname(folder))
+    cmd = [sys.executable, BASELINE, "--variant", args.variant, "--output-dir", work]
+    for name, value in args.model_overrides.items():
+        flag = "--" + name.replace("_", "-")
+        cmd += ([flag] if value is True else [f"--no-{flag[2:]}"] if value is False
+                else [flag, str(value)])
+    for name in ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm",
+                 "batch_size", "seed", "synth", "synth_seed", "synth_num_train",
+                 "synth_num_val", "image_size", "max_size", "max_iters", "data_cache",
+                 "device", "num_workers", "threads"):
+        value = getattr(args, name, None)
+        if value is not None:
+            cmd += ["--" + name.replace("_", "-"), str(value)]
+    print(f"baseline student: none cached; training it with {' '.join(cmd[1:])}", flush=True)
+    try:
+        subprocess.run(cmd, check=True)
+        os.replace(work, folder)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
+def _last_log_line(checkpoint_path):
+    log = os.path.join(os.path.dirname(checkpoint_path), "log.txt")
+    if not os.path.isfile(log):
+        return None
+    with open(log) as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+def teacher_stats(teacher_path, evaluate_teacher, args):
+    """The teacher's COCO stats on this validation set, cached beside its checkpoint."""
+    key = hashlib.sha256(json.dumps({k: getattr(args, k, None) for k in (
+        "data", "coco_path", "val_ann", "synth", "synth_seed", "synth_num_val", "image_size",
+        "max_size", "max_iters")}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    cache = os.path.join(os.path.dirname(teacher_path), f"eval-{key}.json")
+    if os.path.isfile(cache):
+        with open(cache) as f:
+            return json.load(f)
+    stats = evaluate_teacher()
+    try:
+        with open(cache, "w") as f:
+            json.dump(stats, f)
+    except OSError:  # a read-only teacher folder: evaluate again next time
+        pass
+    return stats
+
+
+def print_summary(args, t_stats, student_stats):
+    rows = [("teacher", t_stats.get("AP"), t_stats.get("AP50"))]
+    baseline = baseline_cache_path(args)
+    if args.data == "synthetic" and os.path.isfile(baseline):
+        last = _last_log_line(baseline) or {}
+        rows.append(("baseline student", last.get("test_AP"), last.get("test_AP50")))
+    rows.append(("distilled student", student_stats.get("test_AP"),
+                 student_stats.get("test_AP50")))
+    print(f"\n{'':20s} {'AP':>7s} {'AP50':>7s}")
+    for name, ap, ap50 in rows:
+        fmt = lambda v: f"{v:7.4f}" if isinstance(v, (int, float)) else f"{'-':>7s}"  # noqa
+        print(f"{name:20s} {fmt(ap)} {fmt(ap50)}")
+    print(flush=True)

@@ -431,6 +431,9 @@ def run_training(args, build_module, teacher_path=None):
     teacher = None
     if teacher_path is not None:
         teacher = freeze(load_detector(teacher_path, num_classes, info.device))
+        if getattr(args, "baseline", False) and not args.eval and info.is_main:
+            from common.distill import ensure_baseline
+            ensure_baseline(args)  # the same student without distillation, for the summary
     module = build_module(student, num_classes, teacher).to(info.device)
     if teacher is not None and any(p.requires_grad for p in module.teacher.parameters()):
         raise RuntimeError("the teacher must stay frozen")
@@ -438,7 +441,8 @@ def run_training(args, build_module, teacher_path=None):
     if info.is_main:
         what = ", ".join(f"{k}={v}" for k, v in student.cfg.__dict__.items()
                          if k in args.model_overrides)
-        print(f"student: {student.variant} ({what}), {num_classes} classes, device "
+        print(f"{'student' if teacher else 'model'}: {student.variant} ({what}), "
+              f"{num_classes} classes, device "
               f"{info.device}, world size {info.world_size}" +
               (f"; teacher: {teacher.variant} from {teacher_path}" if teacher else ""),
               flush=True)
@@ -482,6 +486,13 @@ def run_training(args, build_module, teacher_path=None):
     if info.is_main and stats:
         print("final: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()
                                    if k.startswith("test_")), flush=True)
+    if teacher is not None and stats:
+        from common.distill import print_summary, teacher_stats
+        t_stats = teacher_stats(teacher_path, lambda: evaluate(
+            teacher, build_postprocess(teacher), val_loader, evaluator, info.device,
+            amp=args.amp, max_iters=args.max_iters), args)
+        if info.is_main:
+            print_summary(args, t_stats, stats)
     return stats
 
 
