@@ -1,0 +1,629 @@
+"""G-DetKD: semantic-guided feature imitation across pyramid levels and contrastive distillation.
+
+Paper: Lewei Yao, Renjie Pi, Hang Xu, Wei Zhang, Zhenguo Li, Tong Zhang, "G-DetKD: Towards
+General Distillation Framework for Object Detectors via Contrastive and Semantic-guided Feature
+Imitation", ICCV 2021, arXiv:2108.07482. Official code: none public. Spec:
+specs/methods/gdetkd.md (tags: [note-G] a paper-reading note, [3p-G] Luting Wang's re-implementation
+in LutingWang/todd and LutingWang/HEAD, [recon] our reconstruction).
+
+    python methods/gdetkd.py                                   # embedded data, cached teacher
+    python methods/gdetkd.py --teacher t.pth --variant conditional_detr ...   # heterogeneous pair
+    python methods/gdetkd.py --eval --resume out/checkpoint.pth --visualize figs
+
+The two losses (added to the student's own DETR loss, L = L_det + 1.0 L_SGFI + 0.5 L_CKD):
+  SGFI  for every region of interest (RoI) i the teacher feature T_i is RoIAligned from the one
+        teacher level the FPN rule picks; the student feature is a soft, learned, per-RoI mixture
+        of its RoIAligned features on *all* its levels, a_i^l = softmax_l(<f_embed(S_i^l),
+        f_embed(T_i)> / tau); L_SGFI = MSE(sum_l a_i^l S_i^l, T_i).
+  CKD   InfoNCE between the student and teacher embeddings of the same RoI; the negatives are
+        the other RoIs' teacher embeddings and a queue of past ones (all processes), minus those
+        of the same image that overlap the positive with IoU > 0.5.
+
+The paper distils CNN detectors with an FPN. THE WHOLE DETR ADAPTATION IS OUR DESIGN [recon]
+(spec C4), following the paper's heterogeneous (one-stage student) path:
+  - the pyramid is the maps entering the encoder (``input_proj``; option: the encoder memory
+    split back per level); a single-scale student (Conditional DETR, DAB-DETR) gets a train-time
+    pseudo-pyramid from its backbone C3-C5 (option: its one native level);
+  - the RoIs are the student's last-layer predicted boxes (matching queries only, detached)
+    plus all GT boxes, labelled by IoU >= 0.5 with GT, sampled positives : negatives = 1 : 3;
+  - the region embeddings for CKD come from running both decoders on the same frozen,
+    box-conditioned queries built from the RoIs, one image at a time (no padded query can
+    disturb another through self-attention), last-layer outputs (option ``roi``: pooled features);
+  - the teacher level rule is the FPN one, clamped to the teacher's levels: with strides 8..64,
+    k = clamp(floor(4 + log2(sqrt(wh) / 224)), 3, 6), level index k - 3.
+Constants taken from [3p-G], not from the paper (its full text was not available): CKD
+temperature 0.07, queue of the last 10 iterations, IoU filter 0.5, weights SGFI 1.0 / CKD 0.5,
+1x1 adapters, f_embed widths 128 -> 64, dot-product similarity, MSE mean reduction.
+Other readings [recon]: softmax over *levels* (todd's newest version normalises over RoIs, a bug);
+ReLU after both f_embed convs (as the note and todd's older version); standard InfoNCE with the
+positive in the denominator (todd omits it: ``--no-ckd-positive-in-denominator``); CKD projection
+is a student-side bias-free linear adapter (the note's shared head f_theta: ``--ckd-shared-head``);
+with ``ckd_embed='roi'`` the CKD gradient also reaches the SGFI adapters. The CKD queue is not
+saved in checkpoints (it refills within ``ckd_queue`` iterations after a resume).
+Not implemented: the paper's homogeneous-pair extras (R-CNN prediction KD, class-aware
+regression KD, head transfer) and the torchvision CNN path, an optional extension of the spec.
+
+Pairs (spec "Pairs"): {Deformable DETR, DINO, Conditional DETR, DAB-DETR} -> the same set,
+including mixed ones (e.g. Deformable DETR or DINO -> Conditional DETR); plain DETR is refused.
+"""
+import argparse
+import os
+import sys
+from collections import deque
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import box_iou, roi_align
+from torchvision.ops.poolers import LevelMapper
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import distill, engine  # noqa: E402
+from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
+from common.criterion import build_criterion  # noqa: E402
+from common.detr import Queries  # noqa: E402
+from common.transformer import MLP, inverse_sigmoid  # noqa: E402
+
+SUPPORTED = ("deformable_detr", "dino", "conditional_detr", "dab_detr")
+MULTI_SCALE = ("deformable_detr", "dino")
+
+
+@dataclass(frozen=True)
+class GDetKDConfig:
+    sgfi: bool = True                       # semantic-guided feature imitation (C1)
+    ckd: bool = True                        # contrastive knowledge distillation (C2)
+    sgfi_weight: float = 1.0                # [3p-G] configs/kd/gdet.py
+    ckd_weight: float = 0.5                 # [3p-G]
+    pyramid_source: str = "input_proj"      # [recon] or "memory" (encoder output per level)
+    student_pyramid: str = "backbone_c3c5"  # [recon] single-scale students only; or "native"
+    shared_adapter: bool = False            # [3p-G] one 1x1 f_adap per student level; or shared
+    learn_tau: bool = True                  # [note-G][3p-G] learnable tau, init 1
+    roi_size: int = 7                       # [3p-G] RoIAlign output 7x7
+    sampling_ratio: int = 2                 # [recon] as torchvision's MultiScaleRoIAlign
+    canonical_scale: float = 224.0          # FPN rule (Lin et al. 2017, eq. 1) [note-G]
+    canonical_level: int = 4                # k0 of the FPN rule [note-G]
+    rois_per_img: int = 128                 # [recon] ([3p-G] samples 512 for CNN students)
+    pos_fraction: float = 0.25              # [3p-G][recon] positives : negatives = 1 : 3
+    pos_iou: float = 0.5                    # [recon] a prediction with IoU >= 0.5 is positive
+    gt_jitter: float = 0.0                  # [recon] off; > 0 adds jittered GT boxes (fraction of w, h)
+    ckd_embed: str = "query"                # [recon] decoder on box queries; or "roi" (pooled)
+    ckd_gamma: float = 0.07                 # [3p-G] (MoCo's temperature)
+    ckd_queue: int = 10                     # [3p-G] iterations of teacher embeddings kept
+    ckd_iou_thr: float = 0.5                # [3p-G] same-image negatives above it are dropped
+    ckd_shared_head: bool = False           # [recon] the note's shared projection f_theta
+    ckd_positive_in_denominator: bool = True  # [recon] standard InfoNCE; False = [3p-G]
+
+    def __post_init__(self):
+        choices = {"pyramid_source": ("input_proj", "memory"),
+                   "student_pyramid": ("backbone_c3c5", "native"), "ckd_embed": ("query", "roi")}
+        for name, ok in choices.items():
+            if getattr(self, name) not in ok:
+                raise ValueError(f"{name} must be one of {ok}, got {getattr(self, name)!r}")
+        for name in ("sgfi_weight", "ckd_weight", "gt_jitter", "ckd_queue"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("roi_size", "sampling_ratio", "rois_per_img", "ckd_gamma", "canonical_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("pos_fraction", "pos_iou", "ckd_iou_thr"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.ckd and self.ckd_embed == "roi" and not self.sgfi:
+            raise ValueError("ckd_embed='roi' embeds SGFI's aggregated RoI features: it needs sgfi")
+
+
+# ------------------------------------------------------------------------------------------
+# Regions of interest (spec C4.3, C4.4)
+# ------------------------------------------------------------------------------------------
+
+def sample_rois(pred_boxes, targets, cfg, generator=None):
+    """The RoIs of a batch: every GT box, then the student's predictions labelled by IoU with GT,
+    positives : negatives = pos_fraction : (1 - pos_fraction), at most max(#GT, rois_per_img).
+
+    pred_boxes (B,Q,4) normalised cxcywh, the last decoder layer's matching queries (detached);
+    targets: B dicts with "boxes" (T_b,4) normalised cxcywh and "size" (h, w) of the un-padded
+    image. Returns rois (R,5) = (image index, x1, y1, x2, y2) in input pixels, and is_pos,
+    is_gt (R,) bool.
+    """
+    rois, is_pos, is_gt = [], [], []
+    for b, t in enumerate(targets):
+        h, w = (float(v) for v in t["size"])
+        scale = pred_boxes.new_tensor([w, h, w, h])
+        gt = cxcywh_to_xyxy(t["boxes"].to(pred_boxes)) * scale            # (T,4) pixels
+        cand = cxcywh_to_xyxy(pred_boxes[b].detach()) * scale              # (Q,4)
+        if cfg.gt_jitter > 0 and len(gt):  # shift the centre and scale w, h by U(-j, j) of w, h
+            cw = xyxy_to_cxcywh(gt)
+            noise = (torch.rand(cw.shape, generator=generator) * 2 - 1).to(cw) * cfg.gt_jitter
+            jit = torch.cat([cw[:, :2] + noise[:, :2] * cw[:, 2:], cw[:, 2:] * (1 + noise[:, 2:])], 1)
+            cand = torch.cat([cand, cxcywh_to_xyxy(jit)])
+        cand = torch.stack([cand[:, 0].clamp(0, w), cand[:, 1].clamp(0, h),
+                            cand[:, 2].clamp(0, w), cand[:, 3].clamp(0, h)], 1)
+        best = box_iou(cand, gt).amax(1) if len(gt) else cand.new_zeros(len(cand))
+        pos, neg = cand[best >= cfg.pos_iou], cand[best < cfg.pos_iou]
+        # GT boxes are kept even beyond the quota; predicted positives fill what is left of it
+        quota = max(len(gt), int(cfg.rois_per_img * cfg.pos_fraction))
+        pos = pos[torch.randperm(len(pos), generator=generator)[:max(quota - len(gt), 0)]]
+        n_neg = max(cfg.rois_per_img - len(gt) - len(pos), 0)
+        neg = neg[torch.randperm(len(neg), generator=generator)[:n_neg]]
+        boxes = torch.cat([gt, pos, neg])                                  # (R_b,4)
+        rois.append(torch.cat([boxes.new_full((len(boxes), 1), b), boxes], 1))
+        n_pos = len(gt) + len(pos)
+        is_pos.append(torch.arange(len(boxes), device=boxes.device) < n_pos)
+        is_gt.append(torch.arange(len(boxes), device=boxes.device) < len(gt))
+    return torch.cat(rois), torch.cat(is_pos), torch.cat(is_gt)
+
+
+def teacher_levels(rois, strides, cfg):
+    """FPN level rule (Lin et al., FPN, eq. 1), as torchvision's MultiScaleRoIAlign applies it:
+    k = floor(k0 + log2(sqrt(w h) / 224)) clamped to the teacher's levels (stride 2^k), returned
+    as an index into them. rois (R,5) pixels -> (R,) int64. A single level takes every RoI."""
+    if len(strides) == 1:
+        return torch.zeros(len(rois), dtype=torch.long, device=rois.device)
+    k_min = int(round(torch.log2(torch.tensor(float(strides[0]))).item()))
+    mapper = LevelMapper(k_min, k_min + len(strides) - 1, cfg.canonical_scale, cfg.canonical_level)
+    return mapper([rois[:, 1:]])
+
+
+# ------------------------------------------------------------------------------------------
+# Pyramids (spec C4.1, C4.2)
+# ------------------------------------------------------------------------------------------
+
+def level_strides(model):
+    """Strides of the model's transformer input levels: C3..C5 then x2 per extra level."""
+    strides = list(model.backbone[0].strides)
+    if model.variant not in MULTI_SCALE:
+        return strides[-1:]
+    while len(strides) < model.cfg.num_feature_levels:
+        strides.append(strides[-1] * 2)
+    return strides
+
+
+def detr_pyramid(model, enc, source):
+    """The level maps (B,D,H_l,W_l) of a DETR and their strides: the ``input_proj`` outputs, or
+    the encoder memory (B,S,D) split back into its levels."""
+    if source == "input_proj":
+        return list(enc.features), level_strides(model)
+    maps, B, D = [], enc.memory.shape[0], enc.memory.shape[2]
+    for (h, w), start in zip(enc.spatial_shapes_list, enc.level_start_index.tolist()):
+        maps.append(enc.memory[:, start:start + h * w].transpose(1, 2).reshape(B, D, h, w))
+    return maps, level_strides(model)
+
+
+def backbone_c3c5(model, images, enc):
+    """A single-scale DETR's pseudo-pyramid (train-time only): backbone C3, C4 (its stages layer2
+    and layer3, run again since the model returns C5 only) and C5 from the encoding."""
+    x, out = images, []
+    for name, stage in model.backbone[0].body.items():
+        if name == "layer4":
+            break
+        x = stage(x)
+        if name in ("layer2", "layer3"):
+            out.append(x)
+    strides = [8, 16, model.backbone[0].strides[-1]]
+    return out + [enc.backbone_features[-1]], strides
+
+
+def backbone_stage_channels(model):
+    """Output widths of backbone layer2..layer4 (C3..C5) of any of our ResNets."""
+    body = model.backbone[0].body
+    return [[m for m in body[n].modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+            for n in ("layer2", "layer3", "layer4")]
+
+
+def pool_levels(maps, strides, rois, cfg):
+    """RoIAlign of every RoI on every level: list of (R,C_l,s,s), spatial_scale = 1/stride."""
+    return [roi_align(m.float(), rois, cfg.roi_size, 1.0 / s, cfg.sampling_ratio, aligned=True)
+            for m, s in zip(maps, strides)]
+
+
+def pool_assigned(maps, strides, rois, level, cfg):
+    """RoIAlign of each RoI on its own level only -> (R,C,s,s)."""
+    out = rois.new_zeros(len(rois), maps[0].shape[1], cfg.roi_size, cfg.roi_size)
+    for lvl, (m, s) in enumerate(zip(maps, strides)):
+        idx = (level == lvl).nonzero().flatten()
+        if len(idx):
+            out[idx] = roi_align(m.float(), rois[idx], cfg.roi_size, 1.0 / s, cfg.sampling_ratio,
+                                 aligned=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# C1: SGFI
+# ------------------------------------------------------------------------------------------
+
+class SGFI(nn.Module):
+    """Semantic-guided feature imitation (G-DetKD sec. 3.1; spec C1).
+
+    f_adap: 1x1 conv C_l -> C_T per student level (or one shared); f_embed: 3x3 stride-2 unpadded
+    conv C_T -> 128, ReLU, 3x3 stride-2 conv 128 -> 64, ReLU, shared by both sides (7x7 -> 1x1);
+    tau = exp(log_tau), learnable, 1 at init.
+    """
+
+    def __init__(self, student_channels, teacher_channels, shared_adapter=False, learn_tau=True):
+        super().__init__()
+        if shared_adapter and len(set(student_channels)) != 1:
+            raise ValueError(f"shared_adapter needs equal student level widths, got {student_channels}")
+        n = 1 if shared_adapter else len(student_channels)
+        self.num_levels = len(student_channels)
+        self.adapters = nn.ModuleList(nn.Conv2d(c, teacher_channels, 1) for c in student_channels[:n])
+        self.embed = nn.Sequential(nn.Conv2d(teacher_channels, 128, 3, stride=2), nn.ReLU(),
+                                   nn.Conv2d(128, 64, 3, stride=2), nn.ReLU())
+        log_tau = torch.zeros(())
+        if learn_tau:
+            self.log_tau = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("log_tau", log_tau)
+
+    def adapt(self, student_rois):
+        """list of L (R,C_l,s,s) -> S (L,R,C_T,s,s), S_i^l = f_adap(RoIAlign(F_S^l, box_i))."""
+        ads = self.adapters if len(self.adapters) == len(student_rois) else \
+            [self.adapters[0]] * len(student_rois)
+        return torch.stack([a(x) for a, x in zip(ads, student_rois)])
+
+    def level_weights(self, S, T):
+        """a (L,R) = softmax over levels l of <f_embed(S_i^l), f_embed(T_i)> / tau."""
+        L, R = S.shape[:2]
+        k_s = self.embed(S.flatten(0, 1)).flatten(1).view(L, R, -1)      # (L,R,64)
+        k_t = self.embed(T.detach()).flatten(1)                          # (R,64)
+        return ((k_s * k_t).sum(-1) / self.log_tau.exp()).softmax(dim=0)  # levels sum to 1
+
+    def forward(self, student_rois, T):
+        """student_rois: list of L (R,C_l,s,s); T (R,C_T,s,s) teacher RoI features.
+        Returns L_SGFI = mean over RoIs, channels and cells of (sum_l a^l S^l - T)^2, the
+        aggregate S_hat (R,C_T,s,s) and the level weights a (L,R)."""
+        T = T.detach()  # the teacher is a fixed target
+        S = self.adapt(student_rois)                                     # (L,R,C_T,s,s)
+        a = self.level_weights(S, T)                                     # (L,R)
+        S_hat = (a[..., None, None, None] * S).sum(0)                    # (R,C_T,s,s)
+        return F.mse_loss(S_hat, T), S_hat, a
+
+
+# ------------------------------------------------------------------------------------------
+# C2: CKD
+# ------------------------------------------------------------------------------------------
+
+def all_gather_rows(x):
+    """Concatenate the (N_p, d) tensors of all processes (N_p may differ); identity alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    padded = torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])])
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded.contiguous())
+    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+
+
+class TeacherQueue:
+    """The memory of past teacher embeddings (MoCo style): the last ``iterations`` batches of
+    every process, detached. Plain Python state, not saved in checkpoints."""
+
+    def __init__(self, iterations):
+        self.items = deque(maxlen=iterations) if iterations > 0 else None
+
+    def keys(self, like):
+        if not self.items:
+            return like.new_zeros(0, like.shape[1])
+        return torch.cat(list(self.items)).to(like)
+
+    def push(self, v):
+        if self.items is not None:
+            self.items.append(all_gather_rows(v.detach()))
+
+
+def ckd_loss(z_s, z_t, queue, roi_image, roi_boxes, gamma=0.07, iou_thr=0.5,
+             positive_in_denominator=True):
+    """Contrastive KD (G-DetKD sec. 3.2; spec C2): InfoNCE with u = normalize(z_s),
+    v = normalize(z_t),
+
+        L = -(1/N) sum_i log exp(u_i.v_i/g) / (exp(u_i.v_i/g) + sum_{j in Neg(i)} exp(u_i.v_j/g))
+
+    Neg(i) = the other RoIs of the batch and the queue, minus same-image RoIs with IoU > iou_thr
+    to RoI i. ``positive_in_denominator=False`` drops the first denominator term ([3p-G]).
+    z_s, z_t (R,d); queue (K,d); roi_image (R,) image index; roi_boxes (R,4) xyxy."""
+    R = z_s.shape[0]
+    u = F.normalize(z_s.float(), dim=1)
+    keys = F.normalize(torch.cat([z_t.detach(), queue.to(z_t)]).float(), dim=1)   # (R+K,d)
+    logits = u @ keys.t() / gamma                                      # (R,R+K), i-th is positive
+    eye = torch.eye(R, dtype=torch.bool, device=u.device)
+    same = roi_image[:, None] == roi_image[None, :]
+    drop = same & (box_iou(roi_boxes, roi_boxes) > iou_thr) & ~eye     # near-duplicate negatives
+    logits[:, :R] = logits[:, :R].masked_fill(drop, float("-inf"))
+    pos = logits.diagonal()                                            # (R,)
+    neg = logits.clone()
+    neg[:, :R] = neg[:, :R].masked_fill(eye, float("-inf"))
+    if positive_in_denominator:
+        return (torch.logsumexp(logits, 1) - pos).mean()
+    lse = torch.logsumexp(neg, 1)
+    has_neg = torch.isfinite(lse)  # a RoI without any negative has no ratio to maximise
+    return torch.where(has_neg, lse - pos, torch.zeros_like(pos)).mean()
+
+
+class RoIQueries(nn.Module):
+    """Frozen box-conditioned queries for CKD (spec C4.5): the same tensors for teacher and
+    student (the first D_T / D_S channels of one frozen content vector and of one frozen
+    MLP(logit(box)) 4 -> 64 -> D_max), built per family as in clockdistill.md C2.1."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.register_buffer("content", torch.randn(dim))
+        self.pos_mlp = MLP(4, 64, dim, 2).requires_grad_(False)
+
+    @torch.no_grad()
+    def forward(self, model, boxes):
+        """boxes (1,R,4) normalised cxcywh -> Queries for ``model``'s variant."""
+        D, v = model.hidden_dim, model.variant
+        content = self.content[:D].expand(*boxes.shape[:2], D)                 # (1,R,D)
+        if v in ("dab_detr", "dino"):  # 4-D anchors through the model's own anchor -> pos path
+            return Queries(content, reference=boxes)
+        pos = self.pos_mlp(inverse_sigmoid(boxes))[..., :D]                    # (1,R,D)
+        box_ref = v == "deformable_detr" and (model.cfg.with_box_refine or model.cfg.two_stage)
+        return Queries(content, pos=pos, reference=boxes if box_ref else boxes[..., :2])
+
+
+def one_image(enc, b):
+    """The encoding of image b alone (batch of one); proposals are not needed by decode."""
+    s = lambda x: x[b:b + 1]  # noqa: E731
+    return replace(enc, features=[s(f) for f in enc.features], masks=[s(m) for m in enc.masks],
+                   backbone_features=[s(f) for f in enc.backbone_features],
+                   pos=[s(p) for p in enc.pos], memory=s(enc.memory),
+                   mask_flatten=s(enc.mask_flatten), pos_flatten=s(enc.pos_flatten),
+                   valid_ratios=s(enc.valid_ratios), proposals=None)
+
+
+# ------------------------------------------------------------------------------------------
+# The distiller
+# ------------------------------------------------------------------------------------------
+
+def detr_outputs(model, enc, dec):
+    """The DETR-style dict of ``model.forward`` from an encode/decode already run."""
+    out = {"pred_logits": dec.logits[-1], "pred_boxes": dec.boxes[-1],
+           "aux_outputs": [{"pred_logits": a, "pred_boxes": b}
+                           for a, b in zip(dec.logits[:-1], dec.boxes[:-1])]}
+    p = enc.proposals
+    if p is not None and model.variant == "dino":
+        out["enc_outputs"] = {"pred_logits": p.topk_logits, "pred_boxes": p.topk_boxes}
+    elif p is not None:
+        out["enc_outputs"] = {"pred_logits": p.logits, "pred_boxes": p.boxes}
+    if dec.dn is not None:
+        out["dn_outputs"] = [{"pred_logits": a, "pred_boxes": b}
+                             for a, b in zip(dec.dn.logits, dec.dn.boxes)]
+        out["dn_meta"] = {"num_dn_queries": dec.dn_meta["num_dn_queries"],
+                          "positive": dec.dn_meta["positive"]}
+    return out
+
+
+class GDetKD(nn.Module):
+    """Student + frozen teacher + G-DetKD's student-side modules (sgfi, ckd_adapter,
+    ckd_head, roi_queries); ``forward`` returns the student's DETR losses, "loss_sgfi" and
+    "loss_ckd"."""
+
+    def __init__(self, cfg: GDetKDConfig, teacher, student, num_classes):
+        super().__init__()
+        if teacher is None:
+            raise ValueError("G-DetKD needs a teacher (--teacher PATH)")
+        tv, sv = teacher.variant, student.variant
+        if tv not in SUPPORTED or sv not in SUPPORTED:
+            raise ValueError(f"G-DetKD does not support teacher {tv} -> student {sv}: both must "
+                             f"be one of {', '.join(SUPPORTED)} (plain DETR has no reference "
+                             f"boxes for the RoI queries)")
+        self.cfg, self.teacher, self.student = cfg, teacher, student
+        self.criterion = build_criterion(student, num_classes)
+        self.weight_dict = dict(self.criterion.weight_dict)
+        C_T = teacher.hidden_dim
+        if cfg.sgfi:
+            if sv in MULTI_SCALE or cfg.student_pyramid == "native":
+                chans = [student.hidden_dim] * (len(level_strides(student)))
+            else:
+                chans = backbone_stage_channels(student)
+            self.sgfi = SGFI(chans, C_T, cfg.shared_adapter, cfg.learn_tau)
+            self.weight_dict["loss_sgfi"] = cfg.sgfi_weight
+        if cfg.ckd:
+            d_s = C_T if cfg.ckd_embed == "roi" else student.hidden_dim
+            self.ckd_adapter = nn.Linear(d_s, C_T, bias=False)    # g: student -> teacher dim
+            self.ckd_head = nn.Linear(C_T, C_T) if cfg.ckd_shared_head else None
+            if cfg.ckd_embed == "query":
+                self.roi_queries = RoIQueries(max(C_T, student.hidden_dim))
+            self.queue = TeacherQueue(cfg.ckd_queue)
+            self.weight_dict["loss_ckd"] = cfg.ckd_weight
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher stays in eval mode (no dropout, no denoising)
+        return self
+
+    def student_pyramid(self, images, enc):
+        s = self.student
+        if s.variant not in MULTI_SCALE and self.cfg.student_pyramid == "backbone_c3c5":
+            return backbone_c3c5(s, images, enc)
+        return detr_pyramid(s, enc, self.cfg.pyramid_source)
+
+    def region_features(self, images, enc_s, enc_t, rois):
+        """T (R,C_T,s,s) from each RoI's teacher level and the list of student RoI features on
+        all student levels, in fp32; plus the teacher level of every RoI."""
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            t_maps, t_strides = detr_pyramid(self.teacher, enc_t, self.cfg.pyramid_source)
+            level = teacher_levels(rois, t_strides, self.cfg)
+            T = pool_assigned([m.detach() for m in t_maps], t_strides, rois, level, self.cfg)
+            s_maps, s_strides = self.student_pyramid(images, enc_s)
+            return T, pool_levels(s_maps, s_strides, rois, self.cfg), level
+
+    def query_embeddings(self, enc_s, enc_t, rois, sizes):
+        """r^s, r^t (R,D_S), (R,D_T): last-layer decoder outputs of student and teacher on the
+        same frozen box queries, one image at a time."""
+        r_s, r_t = [], []
+        for b in range(enc_s.memory.shape[0]):
+            sel = rois[:, 0] == b
+            h, w = sizes[b]
+            box = xyxy_to_cxcywh(rois[sel, 1:] / rois.new_tensor([w, h, w, h]))[None]
+            box = box.clamp(0.0, 1.0)                                          # (1,R_b,4)
+            if box.shape[1] == 0:
+                continue
+            with torch.no_grad():
+                r_t.append(self.teacher.decode(one_image(enc_t, b), self.roi_queries(
+                    self.teacher, box)).hs[-1][0])
+            r_s.append(self.student.decode(one_image(enc_s, b), self.roi_queries(
+                self.student, box)).hs[-1][0])
+        return torch.cat(r_s), torch.cat(r_t)
+
+    def forward(self, images, masks, targets):
+        s, cfg = self.student, self.cfg
+        enc_s = s.encode(images, masks)
+        dec_s = s.decode(enc_s, targets=targets)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            losses = self.criterion(engine.fp32(detr_outputs(s, enc_s, dec_s)), targets)
+        if not (cfg.sgfi or cfg.ckd):
+            return losses
+        with torch.no_grad():
+            rois, _, _ = sample_rois(dec_s.boxes[-1].float(), targets, cfg)   # (R,5) pixels
+            enc_t = self.teacher.encode(images, masks)
+        S_hat = T = None
+        if cfg.sgfi:
+            T, s_rois, _ = self.region_features(images, enc_s, enc_t, rois)
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                losses["loss_sgfi"], S_hat, _ = self.sgfi(s_rois, T)
+        if cfg.ckd:
+            if cfg.ckd_embed == "query":
+                sizes = [tuple(float(v) for v in t["size"]) for t in targets]
+                r_s, r_t = self.query_embeddings(enc_s, enc_t, rois, sizes)
+            else:  # global-average-pooled RoI features (teacher T_i, student S_hat_i)
+                r_s, r_t = S_hat.mean((2, 3)), T.mean((2, 3))
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                z_s, z_t = self.ckd_adapter(r_s.float()), r_t.float().detach()
+                queue = self.queue.keys(z_t)
+                if self.ckd_head is not None:  # the note's shared f_theta on both sides
+                    z_s, z_t, queue = self.ckd_head(z_s), self.ckd_head(z_t), self.ckd_head(queue)
+                losses["loss_ckd"] = ckd_loss(z_s, z_t, queue, rois[:, 0], rois[:, 1:],
+                                              cfg.ckd_gamma, cfg.ckd_iou_thr,
+                                              cfg.ckd_positive_in_denominator)
+            self.queue.push(r_t.float())  # raw teacher embeddings: the head is applied at use
+        return losses
+
+
+# ------------------------------------------------------------------------------------------
+# --visualize: the RoIs and SGFI's level weights
+# ------------------------------------------------------------------------------------------
+
+LEVEL_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+
+
+@torch.no_grad()
+def visualize(distiller, args, out_dir, num_images=4):
+    """PNG per validation image: GT (white) and the sampled RoIs (positives thick, negatives
+    thin grey), each positive coloured by the student level SGFI weights most, with its weights
+    a^l and the teacher level t; a legend gives each level's colour and stride."""
+    from PIL import Image, ImageDraw
+    from common.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, collate
+    os.makedirs(out_dir, exist_ok=True)
+    dataset = build_dataset("val", args)
+    device = next(distiller.student.parameters()).device
+    images, masks, targets = engine.to_device(
+        *collate([dataset[i] for i in range(min(num_images, len(dataset)))]), device)
+    distiller.eval()
+    enc_s = distiller.student.encode(images, masks)
+    dec_s = distiller.student.decode(enc_s)
+    rois, is_pos, is_gt = sample_rois(dec_s.boxes[-1], targets, distiller.cfg,
+                                      torch.Generator().manual_seed(0))
+    a = level = None
+    if distiller.cfg.sgfi:
+        T, s_rois, level = distiller.region_features(images, enc_s, distiller.teacher.encode(
+            images, masks), rois)
+        _, _, a = distiller.sgfi(s_rois, T)                                  # (L,R)
+        strides = distiller.student_pyramid(images, enc_s)[1]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    zoom, paths = 4, []
+    for b in range(len(targets)):
+        h, w = (int(v) for v in targets[b]["size"])
+        pic = ((images[b, :, :h, :w].cpu() * std + mean).clamp(0, 1) * 255).byte()
+        img = Image.fromarray(pic.permute(1, 2, 0).numpy()).resize((w * zoom, h * zoom), Image.NEAREST)
+        canvas = Image.new("RGB", (img.width, img.height + 16), (0, 0, 0))
+        canvas.paste(img, (0, 16))
+        draw = ImageDraw.Draw(canvas)
+        if a is not None:
+            for lvl, st in enumerate(strides):
+                draw.text((4 + 70 * lvl, 2), f"S{lvl} /{st}", fill=LEVEL_COLOURS[lvl % 5])
+        for i in (rois[:, 0] == b).nonzero().flatten().tolist():
+            box = [float(v) * zoom for v in rois[i, 1:]]
+            box[1] += 16
+            box[3] += 16
+            if not is_pos[i]:
+                draw.rectangle(box, outline=(128, 128, 128), width=1)
+                continue
+            colour = (255, 255, 255) if a is None else LEVEL_COLOURS[int(a[:, i].argmax()) % 5]
+            draw.rectangle(box, outline=colour, width=3 if is_gt[i] else 2)
+            if a is not None:
+                text = f"t{int(level[i])} " + " ".join(f"{float(x):.2f}" for x in a[:, i])
+                draw.text((box[0] + 2, box[1] + 2), text, fill=colour)
+        paths.append(os.path.join(out_dir, f"gdetkd_{int(targets[b]['image_id'])}.png"))
+        canvas.save(paths[-1])
+    print(f"visualize: wrote {len(paths)} figures to {out_dir}", flush=True)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------
+
+HELP = {
+    "sgfi": "semantic-guided feature imitation", "ckd": "contrastive knowledge distillation",
+    "sgfi_weight": "weight of loss_sgfi", "ckd_weight": "weight of loss_ckd",
+    "pyramid_source": "DETR levels used as the pyramid", "learn_tau": "learnable SGFI tau",
+    "student_pyramid": "single-scale student: backbone C3-C5 pseudo-pyramid or its one level",
+    "shared_adapter": "one 1x1 adapter for all student levels", "roi_size": "RoIAlign output",
+    "sampling_ratio": "RoIAlign sampling ratio", "canonical_scale": "FPN rule: box size of k0",
+    "canonical_level": "FPN rule: k0", "rois_per_img": "RoIs per image (GT always kept)",
+    "pos_fraction": "fraction of positive RoIs", "pos_iou": "IoU with GT for a positive RoI",
+    "gt_jitter": "add GT boxes jittered by this fraction of w, h (0: off)",
+    "ckd_embed": "CKD region embeddings: decoders on box queries, or pooled RoI features",
+    "ckd_gamma": "CKD temperature", "ckd_queue": "iterations of teacher embeddings in the queue",
+    "ckd_iou_thr": "same-image negatives above this IoU are dropped",
+    "ckd_shared_head": "a shared linear head on both sides before the cosine",
+    "ckd_positive_in_denominator": "standard InfoNCE (off: the [3p-G] ratio pos / sum neg)",
+}
+
+
+def add_args(parser):
+    g = parser.add_argument_group("G-DetKD")
+    for f in fields(GDetKDConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=f.default, help=HELP[f.name])
+        else:
+            g.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                           help=HELP[f.name])
+    g.add_argument("--visualize", default=None, metavar="DIR",
+                   help="write PNGs of the RoIs and SGFI level weights for a few val images")
+    return parser
+
+
+def main(argv=None):
+    parser = add_args(distill.build_parser(__doc__.splitlines()[0]))
+    args = distill.resolve(parser.parse_args(argv))
+    cfg = GDetKDConfig(**{f.name: getattr(args, f.name) for f in fields(GDetKDConfig)})
+    built = []
+
+    def build(student, num_classes, teacher):
+        built.append(GDetKD(cfg, teacher, student, num_classes))
+        return built[-1]
+
+    stats = engine.run_training(args, build, distill.ensure_teacher(args))
+    if args.visualize:
+        d = built[-1]
+        if args.eval:  # the student-side modules (SGFI's f_embed, adapters) of the checkpoint
+            extra = engine.load_checkpoint(args.resume).get("extra", {})
+            d.load_state_dict({**d.state_dict(), **extra})
+        visualize(d, args, args.visualize)
+    return stats
+
+
+__all__ = ["GDetKDConfig", "GDetKD", "SGFI", "ckd_loss", "sample_rois", "teacher_levels",
+           "TeacherQueue", "RoIQueries", "visualize", "main"]
+
+if __name__ == "__main__":
+    engine.main_guard(main)
