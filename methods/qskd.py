@@ -586,8 +586,10 @@ def visualize(distiller: QSKD, dataset, out_dir, num_images=4, min_side=256):
             for q in torch.nonzero(g >= 0).flatten().tolist():
                 d.rectangle((cxcywh_to_xyxy(boxes[q]) * to_px).tolist(),
                             outline=PALETTE[int(g[q]) % len(PALETTE)], width=3 if pos[q] else 1)
-            if pairs is not None:
+            if pairs is not None:  # teacher partner boxes in grey, a line to each
                 for qs, qt in zip(*pairs):
+                    d.rectangle((cxcywh_to_xyxy(partner_boxes[qt]) * to_px).tolist(),
+                                outline=(160, 160, 160), width=1)
                     a, b = boxes[qs][:2] * to_px[:2], partner_boxes[qt][:2] * to_px[:2]
                     d.line(a.tolist() + b.tolist(), fill=PALETTE[int(g[qs]) % len(PALETTE)], width=1)
             d.text((3, 3), title, fill=(255, 255, 255))
@@ -609,7 +611,7 @@ def visualize(distiller: QSKD, dataset, out_dir, num_images=4, min_side=256):
                 hv, wv = max(1, math.ceil(H * h / images.shape[2])), max(1, math.ceil(W * w / images.shape[3]))
                 m = F.interpolate(m[:, :, :hv, :wv], size=base.size[::-1], mode="nearest")[0, 0]
                 heat = torch.stack([m, torch.zeros_like(m), torch.zeros_like(m)], -1) * 255
-                over = (torch.from_numpy(np.asarray(base)).float() * 0.45 + heat * 0.55)
+                over = (torch.from_numpy(np.array(base)).float() * 0.45 + heat * 0.55)
                 img = Image.fromarray(over.clamp(0, 255).byte().numpy())
                 ImageDraw.Draw(img).text((3, 3), f"AGFD mask, level {lvl} ({H}x{W})", fill=(255, 255, 255))
                 panels.append(img)
