@@ -134,14 +134,14 @@ class CLoCKConfig:
 def split_levels(memory, spatial_shapes_list):
     """Encoder memory (B,S,D), tokens ordered level by level, -> list of per-level maps
     (B,D,H_l,W_l) [fig]. Flattening each back and concatenating gives the memory again."""
+    B, S, D = memory.shape
+    if S != sum(H * W for H, W in spatial_shapes_list):
+        raise ValueError(f"memory has {S} tokens but the spatial shapes {spatial_shapes_list} "
+                         f"cover {sum(H * W for H, W in spatial_shapes_list)}")
     maps, start = [], 0
-    B, _, D = memory.shape
     for H, W in spatial_shapes_list:
         maps.append(memory[:, start:start + H * W].transpose(1, 2).reshape(B, D, H, W))
         start += H * W
-    if start != memory.shape[1]:
-        raise ValueError(f"memory has {memory.shape[1]} tokens but the spatial shapes "
-                         f"{spatial_shapes_list} cover {start}")
     return maps
 
 
@@ -150,8 +150,9 @@ def level_masks(boxes, H, W, valid_h, valid_w, scale_mask=True):
 
     boxes (G,4) normalised cxcywh of the un-padded image; the map is (H,W) of which the top-left
     valid_h x valid_w cells are image (the rest is padding). A box covers the half-open cell
-    range [floor(x1 * valid_w), ceil(x2 * valid_w)) (same for y), clamped to the valid region and
-    at least one cell wide. Returns M (H,W) bool and S (H,W) float32:
+    range [floor(x1 * valid_w), ceil(x2 * valid_w)) (same for y; float noise of an edge lying on a
+    cell border is ignored), clamped to the valid region and at least one cell wide.
+    Returns M (H,W) bool and S (H,W) float32:
         inside a box  S = 1 / (its area in cells), the smallest covering box wins
         background    S = 1 / N_bg, N_bg = the valid cells outside every box
         padding       M = 0, S = 0
@@ -166,11 +167,11 @@ def level_masks(boxes, H, W, valid_h, valid_w, scale_mask=True):
     valid = torch.zeros(H, W, dtype=torch.bool, device=device)
     valid[:valid_h, :valid_w] = True
     if boxes.numel():
-        b = boxes.detach().double()
-        x1 = torch.floor((b[:, 0] - b[:, 2] / 2) * valid_w).clamp(0, valid_w - 1)
-        x2 = torch.ceil((b[:, 0] + b[:, 2] / 2) * valid_w).clamp(1, valid_w)
-        y1 = torch.floor((b[:, 1] - b[:, 3] / 2) * valid_h).clamp(0, valid_h - 1)
-        y2 = torch.ceil((b[:, 1] + b[:, 3] / 2) * valid_h).clamp(1, valid_h)
+        b, eps = boxes.detach().double(), 1e-4  # an edge within 1e-4 cell of a cell border is on it
+        x1 = torch.floor((b[:, 0] - b[:, 2] / 2) * valid_w + eps).clamp(0, valid_w - 1)
+        x2 = torch.ceil((b[:, 0] + b[:, 2] / 2) * valid_w - eps).clamp(1, valid_w)
+        y1 = torch.floor((b[:, 1] - b[:, 3] / 2) * valid_h + eps).clamp(0, valid_h - 1)
+        y2 = torch.ceil((b[:, 1] + b[:, 3] / 2) * valid_h - eps).clamp(1, valid_h)
         x2, y2 = torch.maximum(x2, x1 + 1), torch.maximum(y2, y1 + 1)  # >= 1 cell, even if w = 0
         cols = torch.arange(W, device=device, dtype=b.dtype)
         rows = torch.arange(H, device=device, dtype=b.dtype)
@@ -561,6 +562,16 @@ def _log_scale(x):
                        + 0.1, torch.zeros_like(x))
 
 
+def _legend(H, W):
+    """A black (3,H,W) uint8 tile that says what the other panels show."""
+    from PIL import Image, ImageDraw
+    from torchvision.transforms.functional import pil_to_tensor
+    tile = Image.new("RGB", (W, H))
+    text = "GT green\nteacher blue\nstudent red\ntop: cell weight\nbottom: weighted\nmemory error\n(log scales)"
+    ImageDraw.Draw(tile).multiline_text((4, 4), text, fill=(255, 255, 255))
+    return pil_to_tensor(tile)                                           # (3,H,W) uint8
+
+
 @torch.no_grad()
 def visualize(distiller, dataset, out_dir, num_images=4, device="cpu"):
     """One PNG per image. Top row: the image with its GT boxes (green) and the last-layer boxes
@@ -601,7 +612,7 @@ def visualize(distiller, dataset, out_dir, num_images=4, device="cpu"):
             weights, split_levels(enc_t.memory.float(), enc_s.spatial_shapes_list),
             split_levels(mem_s, enc_s.spatial_shapes_list))]
         top = [img] + [_heat(_log_scale(w_l[0]).cpu(), (H, W)) for w_l in weights]
-        bottom = [torch.zeros_like(img)] + [_heat(_log_scale(e).cpu(), (H, W)) for e in errors]
+        bottom = [_legend(H, W)] + [_heat(_log_scale(e).cpu(), (H, W)) for e in errors]
         grid = make_grid(top + bottom, nrow=len(top), padding=4, pad_value=255)
         path = os.path.join(out_dir, f"clockdistill_{i:02d}.png")
         Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
