@@ -60,7 +60,7 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -80,32 +80,41 @@ SUPPORTED = ("conditional_detr", "dab_detr", "deformable_detr", "dino")
 # Config: the spec's defaults (specs/methods/qskd.md, "Defaults"); all [recon] unless tagged
 # ------------------------------------------------------------------------------------------
 
+def _f(default, doc):
+    """A config field whose comment is also its --help text."""
+    return field(default=default, metadata={"help": doc})
+
+
 @dataclass(frozen=True)
 class QSKDConfig:
     # C1 Group Query Selection
-    tau: float = 0.5                    # GIoU threshold of a hard negative
-    tau_mode: str = "absolute"          # or "relative": gamma >= tau * best GIoU of the GT (Q-DETR)
-    k_max: int = 0                      # per-group cap, top by GIoU, matched kept; 0 = no cap
-    hard_negatives: bool = True         # [paper] False: positives only (the ablation baseline)
+    tau: float = _f(0.5, "GIoU threshold of a hard negative")
+    tau_mode: str = _f("absolute", "absolute, or relative: gamma >= tau * best GIoU of the GT "
+                                   "(Q-DETR style)")
+    k_max: int = _f(0, "per-group cap, the top ones by GIoU, matched query kept; 0 = no cap")
+    hard_negatives: bool = _f(True, "[paper] distil hard negatives; off = positives only")
     # C2 AGFD
-    agfd: bool = True
-    lambda_agfd: float = 1.0            # unverified; tune to the detection loss at step 0
-    agfd_layers: str = "last"           # teacher layer(s) that select: "last" or "all" (averaged)
-    attention_source: str = "attention"  # real cross-attention, or "similarity" / "cosine"
-    query_weight: str = "uniform"       # w_i = 1, or "confidence" (max sigmoid prob. of teacher)
-    mask_norm: str = "max"              # per image and level: "max" or "sum"
-    feature_source: str = "memory"      # encoder memory, or "neck" (the input projections)
+    agfd: bool = _f(True, "attention-guided feature distillation")
+    lambda_agfd: float = _f(1.0, "AGFD weight (unverified: tune to the detection loss at step 0)")
+    agfd_layers: str = _f("last", "teacher layer(s) whose selection builds the mask: last, or all "
+                                  "(averaged)")
+    attention_source: str = _f("attention", "a_i: real cross-attention (dense weights or splatted "
+                                            "deformable samples), similarity, or cosine")
+    query_weight: str = _f("uniform", "w_i: uniform (1), or confidence (teacher's max sigmoid)")
+    mask_norm: str = _f("max", "mask normalisation per image and level: max or sum")
+    feature_source: str = _f("memory", "imitated features: encoder memory, or neck (input "
+                                       "projections)")
     # C3 LAPD
-    lapd: bool = True
-    lambda_lapd: float = 1.0
-    kd_cls: str = "bce"                 # [code] DETRDistill soft-target BCE, or "kl" (softmax)
-    temperature: float = 1.0            # "kl" only; placeholder, no source value
-    lambda_cls: float = 1.0             # option 2
-    lambda_l1: float = 5.0
-    lambda_giou: float = 2.0
-    cost_class: float = 1.0             # [code] DETRDistill HMLD matching cost weights
-    cost_bbox: float = 5.0
-    cost_giou: float = 2.0
+    lapd: bool = _f(True, "local alignment prediction distillation")
+    lambda_lapd: float = _f(1.0, "LAPD weight of every decoder layer")
+    kd_cls: str = _f("bce", "[code] class KD: bce (DETRDistill soft-target BCE), or kl")
+    temperature: float = _f(1.0, "kl only; a placeholder, no source value")
+    lambda_cls: float = _f(1.0, "LAPD class term weight (option: 2)")
+    lambda_l1: float = _f(5.0, "LAPD L1 box term weight")
+    lambda_giou: float = _f(2.0, "LAPD GIoU term weight")
+    cost_class: float = _f(1.0, "[code] in-group matching cost: class weight (DETRDistill HMLD)")
+    cost_bbox: float = _f(5.0, "[code] in-group matching cost: L1 weight")
+    cost_giou: float = _f(2.0, "[code] in-group matching cost: GIoU weight")
 
     def __post_init__(self):
         choices = {"tau_mode": ("absolute", "relative"), "agfd_layers": ("last", "all"),
@@ -372,7 +381,8 @@ def local_pairs(blocks, cfg: QSKDConfig):
 
 def lapd_loss(z_s, b_s, z_t, b_t, cfg: QSKDConfig):
     """L_LAPD^l (spec C3.3) over the K pairs of a layer: z (K,C) logits, b (K,4) cxcywh ->
-    (1/max(K,1)) sum [lambda_cls KD_cls + lambda_l1 |b_s - b_t|_1 + lambda_giou (1 - GIoU)]."""
+    (1/max(K,1)) sum [lambda_cls KD_cls + lambda_l1 |b_s - b_t|_1 + lambda_giou (1 - GIoU)].
+    The soft BCE's minimum is the teacher's entropy, not 0: the logged value never reaches 0."""
     cls = kd_cls_loss(z_s, z_t, cfg.kd_cls, cfg.temperature).sum()
     l1 = (b_s - b_t).abs().sum()
     giou = generalized_box_iou_loss(cxcywh_to_xyxy(b_s), cxcywh_to_xyxy(b_t), reduction="sum",
@@ -638,9 +648,10 @@ def add_qskd_args(parser):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool:
             g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default)
+                           default=f.default, help=f.metadata["help"])
         else:
-            g.add_argument(flag, dest=f.name, type=f.type, default=f.default)
+            g.add_argument(flag, dest=f.name, type=f.type, default=f.default,
+                           help=f.metadata["help"])
     g.add_argument("--visualize", default=None, metavar="DIR",
                    help="write PNGs of groups, LAPD pairs and AGFD masks for a few val images")
     g.add_argument("--visualize-images", dest="visualize_images", type=int, default=4)
@@ -652,21 +663,17 @@ def main(argv=None):
     add_qskd_args(parser)
     args = distill.resolve(parser.parse_args(argv))
     cfg = QSKDConfig(**{f.name: getattr(args, f.name) for f in fields(QSKDConfig)})
-    if args.visualize and not (args.eval or args.output_dir):
-        raise ValueError("--visualize needs --output-dir (the trained student is read from its "
-                         "checkpoint) or --eval --resume CHECKPOINT")
-    teacher_path = distill.ensure_teacher(args)
-    stats = engine.run_training(
-        args, lambda student, num_classes, teacher: QSKD(cfg, teacher, student, num_classes),
-        teacher_path)
+    built = []
+
+    def build(student, num_classes, teacher):
+        built.append(QSKD(cfg, teacher, student, num_classes))
+        return built[-1]
+
+    stats = engine.run_training(args, build, distill.ensure_teacher(args))
     if args.visualize and int(os.environ.get("RANK", 0)) == 0:  # one process draws
         from common.data import build_dataset
-        dataset = build_dataset("val", args)
-        student_path = args.resume if args.eval else os.path.join(args.output_dir, "checkpoint.pth")
-        teacher = distill.freeze(distill.load_detector(teacher_path, dataset.num_classes))
-        student = distill.load_detector(student_path, dataset.num_classes)
-        paths = visualize(QSKD(cfg, teacher, student, dataset.num_classes), dataset,
-                          args.visualize, args.visualize_images)
+        paths = visualize(built[-1], build_dataset("val", args), args.visualize,
+                          args.visualize_images)
         print(f"visualize: wrote {len(paths)} figures to {args.visualize}", flush=True)
     return stats
 
