@@ -420,9 +420,11 @@ class DETRDistill(nn.Module):
         s_dec = self.student.decode(s_enc, targets=targets)
         q_dec = (self.student.decode(s_enc, queries=self.qpad_queries(t_dec))
                  if cfg.use_qpad else None)  # no targets: no denoising groups in this pass
-        sfx = lambda i: "" if i == L - 1 else f"_{i}"  # noqa: E731
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            losses = self.criterion(engine.fp32(detr_outputs(s_enc, s_dec, self.student.variant)), targets)
+        sfx = [""] * L
+        sfx[:-1] = [f"_{i}" for i in range(L - 1)]  # DETR's aux-loss suffixes: last layer none
+        with torch.autocast(device_type=images.device.type, enabled=False):  # losses in fp32
+            outputs = engine.fp32(detr_outputs(s_enc, s_dec, self.student.variant))
+            losses = self.criterion(outputs, targets)  # the student's own detection losses
             if cfg.use_hmld or cfg.use_query_contrastive:
                 pairs = self.hmld_match(s_dec, t_dec)
             for i, l in enumerate(self.layer_map):
@@ -430,17 +432,17 @@ class DETRDistill(nn.Module):
                     t_boxes = teacher_pseudo_boxes(t_dec.boxes[l].float(), cfg.clamp_teacher_boxes)
                     cls_, bbox, giou = hmld_loss(s_dec.logits[i].float(), s_dec.boxes[i].float(),
                                                  t_dec.logits[l].float().sigmoid(), t_boxes, pairs[i])
-                    losses.update({f"loss_hmld_cls{sfx(i)}": cls_, f"loss_hmld_bbox{sfx(i)}": bbox,
-                                   f"loss_hmld_giou{sfx(i)}": giou})
+                    losses.update({f"loss_hmld_cls{sfx[i]}": cls_, f"loss_hmld_bbox{sfx[i]}": bbox,
+                                   f"loss_hmld_giou{sfx[i]}": giou})
                 if cfg.use_query_contrastive:  # C4: student state i <-> its matched teacher state
                     u = torch.cat([s_dec.hs[i][b, si] for b, (si, _) in enumerate(pairs[i])])
                     v = torch.cat([t_dec.hs[l][b, ti] for b, (_, ti) in enumerate(pairs[i])])
-                    losses[f"loss_nce{sfx(i)}"] = info_nce(self.proj_student(u.float()),
+                    losses[f"loss_nce{sfx[i]}"] = info_nce(self.proj_student(u.float()),
                                                            self.proj_teacher(v.float()),
                                                            cfg.nce_temperature)
             if cfg.use_tafd:  # C2
                 for i, loss in enumerate(self.tafd_terms(s_enc, t_enc, t_dec, targets)[0]):
-                    losses[f"loss_tafd{sfx(i)}"] = loss
+                    losses[f"loss_tafd{sfx[i]}"] = loss
             if cfg.use_qpad:  # C3: the teacher's own layer-l GT assignment, no new matching
                 t_layers = [{"pred_logits": t_dec.logits[l], "pred_boxes": t_dec.boxes[l]}
                             for l in self.layer_map]
@@ -450,7 +452,7 @@ class DETRDistill(nn.Module):
                         float(sum(len(q) for q, _ in indices)), device=images.device)).clamp(min=1)
                     group = {"pred_logits": q_dec.logits[i].float(), "pred_boxes": q_dec.boxes[i].float()}
                     out = self.criterion.group_losses(group, targets, indices, num_pos, "_qpad")
-                    losses.update({f"loss_qpad_{k}{sfx(i)}": out[f"loss_{k}_qpad"]
+                    losses.update({f"loss_qpad_{k}{sfx[i]}": out[f"loss_{k}_qpad"]
                                    for k in ("ce", "bbox", "giou")})
         return losses
 
@@ -483,18 +485,29 @@ def _draw_boxes(draw, boxes, size, color, width=2):
         draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=color, width=width)
 
 
+def _panel(base, title):
+    """A copy of the image with a title, and a drawing context on it."""
+    from PIL import ImageDraw
+    p = base.copy()
+    d = ImageDraw.Draw(p)
+    d.text((3, 3), title, fill=(255, 255, 255))
+    return p, d
+
+
 @torch.no_grad()
 def visualize(distiller, dataset, out_dir, num_images=4, shown=10):
-    """One PNG per image, panels left to right: (1) GT (green) and the teacher's top quality
-    queries that build the TAFD mask (orange, thicker = higher quality); (2..) the TAFD mask of
-    each level for the last student layer over the image; (HMLD) the highest-scored teacher
-    predictions (red) and the student predictions matched to them (blue), centres joined;
-    (QPAD) the student decoder run on the teacher's queries: its boxes for the queries the
-    teacher assigned to GT (blue) and the GT (green)."""
-    from PIL import Image, ImageDraw
+    """One PNG per validation image, panels left to right (last student layer, its teacher layer):
+      TAFD   GT (green) and the teacher's top-quality (query, class) pairs that build the mask
+             (orange, thicker = higher quality); then the mask of every feature level;
+      HMLD   the teacher's highest-scored predictions (red) and the student predictions matched
+             to them (blue), centres joined (yellow);
+      QPAD   the student decoder run on the teacher's queries: its boxes for the queries the
+             teacher's own assignment gives a GT (blue), and the GT (green).
+    Panels of a switched-off term are left out."""
+    from PIL import Image
     from common.data import collate
     os.makedirs(out_dir, exist_ok=True)
-    was_training = distiller.training
+    cfg, was_training = distiller.cfg, distiller.training
     distiller.eval()
     device = next(distiller.student.parameters()).device
     images, masks, targets = collate([dataset[i] for i in range(min(num_images, len(dataset)))])
@@ -502,60 +515,54 @@ def visualize(distiller, dataset, out_dir, num_images=4, shown=10):
     t_enc, t_dec = distiller.run_teacher(images, masks)
     s_enc = distiller.student.encode(images, masks)
     s_dec = distiller.student.decode(s_enc)
-    q_dec = distiller.student.decode(s_enc, queries=distiller.qpad_queries(t_dec))
     l = distiller.layer_map[-1]
-    _, lv_masks = distiller.tafd_terms(s_enc, t_enc, t_dec, targets)
     pairs = distiller.hmld_match(s_dec, t_dec)[-1]
-    assign = distiller.teacher_matcher({"pred_logits": t_dec.logits[l], "pred_boxes": t_dec.boxes[l]},
-                                       targets)
-    hs, quality, q_idx, _ = tafd_select(t_dec.logits[l].sigmoid(), t_dec.boxes[l], t_dec.hs[l], targets,
-                                        distiller.cfg.tafd_topk)
+    if cfg.use_tafd:
+        lv_masks = distiller.tafd_terms(s_enc, t_enc, t_dec, targets)[1][-1]  # per level (B,1,H,W)
+        _, quality, q_idx, _ = tafd_select(t_dec.logits[l].sigmoid(), t_dec.boxes[l], t_dec.hs[l],
+                                           targets, cfg.tafd_topk)
+    if cfg.use_qpad:
+        q_dec = distiller.student.decode(s_enc, queries=distiller.qpad_queries(t_dec))
+        assign = distiller.teacher_matcher({"pred_logits": t_dec.logits[l],
+                                            "pred_boxes": t_dec.boxes[l]}, targets)
     paths = []
     for b, t in enumerate(targets):
-        size, padded = t["size"], images.shape[-2:]
-        base = _to_pil(images[b], size)
-        panels = []
-        p = base.copy()
-        d = ImageDraw.Draw(p)
-        order = quality[b].argsort(descending=True)[:shown]
-        qmax = float(quality[b].max().clamp(min=1e-6))
-        for j in order.tolist():
-            _draw_boxes(d, t_dec.boxes[l][b, q_idx[b, j]][None], size, (255, 140, 0),
-                        1 + int(3 * float(quality[b, j]) / qmax))
-        _draw_boxes(d, t["boxes"], size, (0, 220, 0))
-        d.text((3, 3), "GT + TAFD queries", fill=(255, 255, 255))
-        panels.append(p)
-        for k, m in enumerate(lv_masks[-1]):
-            heat = Image.blend(base, _heat(m[b, 0], size, padded), 0.6)
-            ImageDraw.Draw(heat).text((3, 3), f"TAFD mask, level {k}", fill=(255, 255, 255))
-            panels.append(heat)
-        p = base.copy()
-        d = ImageDraw.Draw(p)
+        h, w = (int(x) for x in t["size"])
+        zoom = max(1, 320 // max(h, w))  # small images are enlarged so the boxes stay legible
+        base, panels = _to_pil(images[b], (h, w)).resize((w * zoom, h * zoom)), []
+        size = (h * zoom, w * zoom)  # what the boxes are drawn at
+        if cfg.use_tafd:
+            p, d = _panel(base, "TAFD: GT, top-quality queries")
+            qmax = float(quality[b].max().clamp(min=1e-6))
+            for j in quality[b].argsort(descending=True)[:shown].tolist():
+                _draw_boxes(d, t_dec.boxes[l][b, q_idx[b, j]][None], size, (255, 140, 0),
+                            1 + int(3 * float(quality[b, j]) / qmax))
+            _draw_boxes(d, t["boxes"], size, (0, 220, 0))
+            panels.append(p)
+            for k, m in enumerate(lv_masks):
+                heat = _heat(m[b, 0], (h, w), images.shape[-2:]).resize(base.size)
+                p, _ = _panel(Image.blend(base, heat, 0.6), f"TAFD mask, level {k}")
+                panels.append(p)
+        p, d = _panel(base, "HMLD: teacher / matched student")
         si, ti = pairs[b]
-        top = t_dec.logits[l][b, ti].sigmoid().max(-1)[0].argsort(descending=True)[:shown]
-        h, w = (int(x) for x in size)
-        for j in top.tolist():
+        for j in t_dec.logits[l][b, ti].sigmoid().amax(-1).argsort(descending=True)[:shown].tolist():
             tb, sb = t_dec.boxes[l][b, ti[j]], s_dec.boxes[-1][b, si[j]]
             _draw_boxes(d, tb[None], size, (230, 40, 40))
             _draw_boxes(d, sb[None], size, (60, 120, 255))
-            d.line([float(tb[0]) * w, float(tb[1]) * h, float(sb[0]) * w, float(sb[1]) * h],
+            d.line([float(tb[0]) * base.width, float(tb[1]) * base.height,
+                    float(sb[0]) * base.width, float(sb[1]) * base.height],
                    fill=(255, 255, 0), width=1)
-        d.text((3, 3), "HMLD: teacher / matched student", fill=(255, 255, 255))
         panels.append(p)
-        p = base.copy()
-        d = ImageDraw.Draw(p)
-        _draw_boxes(d, t["boxes"], size, (0, 220, 0))
-        _draw_boxes(d, q_dec.boxes[-1][b, assign[b][0]], size, (60, 120, 255))
-        d.text((3, 3), "QPAD: teacher queries in student", fill=(255, 255, 255))
-        panels.append(p)
-        sheet = Image.new("RGB", (sum(x.width + 4 for x in panels), base.height), (0, 0, 0))
-        x = 0
-        for panel in panels:
-            sheet.paste(panel, (x, 0))
-            x += panel.width + 4
-        path = os.path.join(out_dir, f"detrdistill_{int(t['image_id'])}.png")
-        sheet.save(path)
-        paths.append(path)
+        if cfg.use_qpad:
+            p, d = _panel(base, "QPAD: teacher queries, student")
+            _draw_boxes(d, t["boxes"], size, (0, 220, 0))
+            _draw_boxes(d, q_dec.boxes[-1][b, assign[b][0]], size, (60, 120, 255))
+            panels.append(p)
+        sheet = Image.new("RGB", (sum(x.width + 4 for x in panels), base.height))
+        for i, panel in enumerate(panels):
+            sheet.paste(panel, (i * (base.width + 4), 0))
+        paths.append(os.path.join(out_dir, f"detrdistill_{int(t['image_id'])}.png"))
+        sheet.save(paths[-1])
     distiller.train(was_training)
     return paths
 
