@@ -446,11 +446,11 @@ class GDetKD(nn.Module):
     def region_features(self, images, enc_s, enc_t, rois):
         """T (R,C_T,s,s) from each RoI's teacher level and the list of student RoI features on
         all student levels, in fp32; plus the teacher level of every RoI."""
+        s_maps, s_strides = self.student_pyramid(images, enc_s)
+        t_maps, t_strides = detr_pyramid(self.teacher, enc_t, self.cfg.pyramid_source)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            t_maps, t_strides = detr_pyramid(self.teacher, enc_t, self.cfg.pyramid_source)
             level = teacher_levels(rois, t_strides, self.cfg)
             T = pool_assigned([m.detach() for m in t_maps], t_strides, rois, level, self.cfg)
-            s_maps, s_strides = self.student_pyramid(images, enc_s)
             return T, pool_levels(s_maps, s_strides, rois, self.cfg), level
 
     def query_embeddings(self, enc_s, enc_t, rois, sizes):
@@ -514,9 +514,10 @@ LEVEL_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (1
 
 @torch.no_grad()
 def visualize(distiller, args, out_dir, num_images=4):
-    """PNG per validation image: GT (white) and the sampled RoIs (positives thick, negatives
-    thin grey), each positive coloured by the student level SGFI weights most, with its weights
-    a^l and the teacher level t; a legend gives each level's colour and stride."""
+    """PNG per validation image (4x zoom): the sampled RoIs, negatives thin grey, positives
+    (GT thickest) coloured by the student level SGFI weights most; above each positive, its
+    teacher level "t<k>" and one bar per student level l of height a^l. The top strip gives each
+    student level's colour and stride."""
     from PIL import Image, ImageDraw
     from common.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, collate
     os.makedirs(out_dir, exist_ok=True)
@@ -556,9 +557,14 @@ def visualize(distiller, args, out_dir, num_images=4):
                 continue
             colour = (255, 255, 255) if a is None else LEVEL_COLOURS[int(a[:, i].argmax()) % 5]
             draw.rectangle(box, outline=colour, width=3 if is_gt[i] else 2)
-            if a is not None:
-                text = f"t{int(level[i])} " + " ".join(f"{float(x):.2f}" for x in a[:, i])
-                draw.text((box[0] + 2, box[1] + 2), text, fill=colour)
+            if a is not None:  # a bar per student level (height a^l) and the teacher level
+                x0, y0 = box[0], max(box[1] - 24, 16)
+                draw.rectangle([x0, y0, x0 + 22 + 8 * a.shape[0], y0 + 22], fill=(0, 0, 0))
+                draw.text((x0 + 2, y0 + 5), f"t{int(level[i])}", fill=(255, 255, 255))
+                for lvl in range(a.shape[0]):
+                    top = y0 + 21 - 20 * float(a[lvl, i])
+                    draw.rectangle([x0 + 20 + 8 * lvl, top, x0 + 26 + 8 * lvl, y0 + 21],
+                                   fill=LEVEL_COLOURS[lvl % 5])
         paths.append(os.path.join(out_dir, f"gdetkd_{int(targets[b]['image_id'])}.png"))
         canvas.save(paths[-1])
     print(f"visualize: wrote {len(paths)} figures to {out_dir}", flush=True)
