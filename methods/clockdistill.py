@@ -67,6 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import distill, engine  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
 
 SUPPORTED = ("dab_detr", "deformable_detr", "dino", "conditional_detr")
@@ -465,7 +466,6 @@ class CLoCKDistiller(nn.Module):
     def target_queries(self, targets, builder):
         """Per image, the Queries (batch of one) built from its GT, repeated ``groups`` times,
         plus the fixed random points; all without grad_fn (spec C2.1)."""
-        from common.detr import Queries
         out = []
         for tg in targets:
             labels = torch.cat([tg["labels"].repeat(self.cfg.groups), self.extra_labels])
