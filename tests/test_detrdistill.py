@@ -382,7 +382,7 @@ def test_qpad_uses_the_teachers_own_assignment(monkeypatch):
         assert torch.allclose(outputs["pred_boxes"], q_dec.boxes[i], atol=1e-6)
         want_l1 = (q_dec.boxes[i][0, r] - gt["boxes"][c]).abs().sum().item() / 2
         sfx = "" if i == 1 else "_0"
-        assert math.isclose(float(losses[f"loss_qpad_bbox{sfx}"]), want_l1, rel_tol=1e-5)
+        assert math.isclose(losses[f"loss_qpad_bbox{sfx}"].item(), want_l1, rel_tol=1e-5)
     for lg in matched:  # no matcher ever saw the QPAD group's predictions
         assert not any(lg.shape == q.shape and torch.allclose(lg, q) for q in q_dec.logits)
 
