@@ -300,6 +300,9 @@ def train_one_epoch(module, loader, optimizer, device, epoch, *, clip_max_norm=0
     """One pass over ``loader``; returns the epoch means of the losses (averaged over
     processes), the weighted total under "loss" and the learning rate under "lr"."""
     module.train()
+    teacher = getattr(unwrap(module), "teacher", None)
+    if teacher is not None:
+        teacher.eval()  # the frozen teacher never trains: no dropout, no denoising groups
     weight_dict = unwrap(module).weight_dict
     n = len(loader) if max_iters is None else min(len(loader), max_iters)
     log = SmoothedLog(n, f"Epoch [{epoch}]", print_every, verbose)
