@@ -304,11 +304,24 @@ def test_sample_rois_invariants():  # invariants 15 and 16
         assert int(is_gt[rois[:, 0] == b].sum()) == n_gt
     assert int((rois[:, 0] == 0).sum()) == 12 and int(is_pos[rois[:, 0] == 0].sum()) == 3
     assert int((rois[:, 0] == 1).sum()) == 20  # more GT than rois_per_img: GT only
+    # a larger quota: the near-GT predictions join the GT as positives, negatives fill the rest
+    rois, is_pos, is_gt = gdetkd.sample_rois(pred[:1], targets[:1], gdetkd.GDetKDConfig(rois_per_img=40), g)
+    p = pred[0]
+    p_xyxy = torch.stack([p[:, 0] - p[:, 2] / 2, p[:, 1] - p[:, 3] / 2,
+                          p[:, 0] + p[:, 2] / 2, p[:, 1] + p[:, 3] / 2], 1) * torch.tensor([80, 64, 80, 64])
+    g_xyxy = rois[is_gt, 1:]
+    n_pos_pred = int((iou64(p_xyxy, g_xyxy).amax(1) >= 0.5).sum())
+    assert n_pos_pred >= 5
+    want_pos = 3 + min(n_pos_pred, 10 - 3)  # quota max(3, 0.25 * 40) = 10
+    assert int(is_pos.sum()) == want_pos and int(is_gt.sum()) == 3
+    assert len(rois) == want_pos + min(30 - n_pos_pred, 40 - want_pos)
+    # gt_jitter adds one jittered copy per GT box to the candidates
+    cfg_j = gdetkd.GDetKDConfig(rois_per_img=80, gt_jitter=0.1)
+    assert len(gdetkd.sample_rois(pred[:1], targets[:1], cfg_j, g)[0]) == 3 + 30 + 3
     # no GT in an image: predictions only, all negative
-    rois, is_pos, _ = gdetkd.sample_rois(pred[:1], [{"boxes": torch.zeros(0, 4), "size": torch.tensor([64, 80])}], cfg)
+    no_gt = [{"boxes": torch.zeros(0, 4), "size": torch.tensor([64, 80])}]
+    rois, is_pos, _ = gdetkd.sample_rois(pred[:1], no_gt, cfg)
     assert len(rois) == 12 and not is_pos.any()
-    jit = gdetkd.sample_rois(pred[:1], targets[:1], gdetkd.GDetKDConfig(rois_per_img=12, gt_jitter=0.1), g)
-    assert int(jit[2].sum()) == 3
 
 
 # ------------------------------------------------------------------------------------------
@@ -445,3 +458,29 @@ def test_visualize_writes_pngs(run):
                           str(tmp / "student" / "checkpoint.pth"), "--visualize", str(out)])
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 4 and Image.open(pngs[0]).size[0] > 128
+
+
+def _gather_worker(rank, port):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mine = torch.full((2 + rank, 3), float(rank))  # 2 rows on rank 0, 3 on rank 1
+        got = gdetkd.all_gather_rows(mine)
+        assert got.shape == (5, 3) and got[:2].eq(0).all() and got[2:].eq(1).all(), got
+        q = gdetkd.TeacherQueue(2)
+        for shift in (0, 10, 20):
+            q.push(mine + shift)
+        keys = q.keys(mine)  # the last 2 iterations of both processes
+        assert keys.shape == (10, 3) and float(keys.min()) == 10.0, keys
+    finally:
+        dist.destroy_process_group()
+
+
+def test_queue_gathers_all_processes():  # the queue is all-gathered (gloo, 2 forked processes)
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gather_worker, args=(port,), nprocs=2, start_method="fork")
