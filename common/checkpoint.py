@@ -1,0 +1,415 @@
+"""Loading the official checkpoints of the DETR family into ``common.detr.DETRModel``.
+
+Files (specs/detr-family.md sec. 7): a ``torch.load``-able dict whose weights sit under
+``'model'`` (or a bare state dict), often next to ``optimizer``, ``lr_scheduler``, ``epoch`` and
+``args``, an ``argparse.Namespace``; DINO may add ``ema_model``. Keys follow DETR's names
+(``backbone.0.body.*``, ``input_proj``, ``transformer.*``, ``class_embed``, ``bbox_embed``), and so
+do ours (common/transformer.py keeps the official module names), so each variant's mapping is
+three rules, written out per variant in ``official_layout``:
+
+1. Alias copies. Refinement and two-stage models hand their heads to the decoder
+   (``transformer.decoder.bbox_embed = self.bbox_embed``), so the file holds every head twice.
+   The ``transformer.decoder.{bbox,class}_embed.*`` copies are dropped after checking that they
+   equal the top-level ones.
+2. Heads per layer. DETR, Conditional DETR and DAB-DETR save one ``class_embed`` / ``bbox_embed``
+   that every decoder layer uses; our model keeps a ``ModuleList`` over layers holding that one
+   module, so the single head is replicated to ``class_embed.{i}``. Where the official model
+   shares one module over indices (Deformable DETR without refinement, DINO) every index must
+   hold the same values, since loading different values into a shared module would silently
+   keep the last one.
+3. Nothing else is renamed. Key sets and shapes are then asserted equal to the model's
+   (``load_state_dict`` strict, never ``strict=False``), and a misfit names the keys.
+
+COCO's classes: official COCO models index classes by raw category id, 91 slots (1-90 used,
+with gaps; DETR adds a no-object row, DINO's ``label_enc`` has ``dn_labelbook_size + 1`` rows).
+``coco_slots_to_classes`` slices those rows for a data set's classes (its ``label_to_category``
+list), to fine-tune or evaluate an official model on a subset.
+
+Usage::
+
+    model = load_official("checkpoint0011_4scale.pth", "dino")                    # 91 slots
+    model = load_official("r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage"
+                          "-checkpoint.pth", "deformable_detr", with_box_refine=True,
+                          two_stage=True, category_ids=dataset.label_to_category)
+"""
+import argparse
+import operator
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from common.detr import CONFIGS, DETRModel, build_model
+
+__all__ = ["OfficialLayout", "official_layout", "read_checkpoint", "extract_state_dict",
+           "strip_module_prefix", "official_to_ours", "ours_to_official", "coco_slots_to_classes",
+           "load_official", "COCO_NUM_SLOTS", "COCO_80_CATEGORY_IDS"]
+
+COCO_NUM_SLOTS = 91  # category ids 0..90 (0 and ten others unused) in every official COCO head
+# the 80 category ids COCO uses, in sorted order (label -> category id for the 80 classes)
+COCO_80_CATEGORY_IDS = ([*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66),
+                         67, 70, *range(72, 83), *range(84, 91)])
+
+StateDict = Dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------
+# The layout of each variant's official file
+# ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OfficialLayout:
+    """How an official file stores the prediction heads (the rest of the keys equals ours).
+
+    heads:    "single"    one ``class_embed.*`` / ``bbox_embed.*`` used by every layer
+              "shared"    ``class_embed.{i}.*`` for every index, one module, equal values
+              "per_layer" ``class_embed.{i}.*``, an independent copy per index
+    num_pred: heads per model: decoder layers, +1 for the two-stage proposal head (the last)
+    aliases:  (alias prefix, original prefix) pairs: the decoder's copies of the heads
+    """
+    variant: str
+    heads: str
+    num_pred: int
+    aliases: Tuple[Tuple[str, str], ...] = ()
+    two_stage: bool = False
+
+
+_DEC_BBOX = ("transformer.decoder.bbox_embed.", "bbox_embed.")
+_DEC_CLASS = ("transformer.decoder.class_embed.", "class_embed.")
+
+
+def official_layout(variant: str, dec_layers: int = 6, with_box_refine: bool = False,
+                    two_stage: bool = False) -> OfficialLayout:
+    """The explicit mapping of each variant (specs/detr-family.md sec. 7.2-7.6)."""
+    if not (isinstance(dec_layers, int) and dec_layers > 0):
+        raise ValueError(f"dec_layers must be a positive int, got {dec_layers!r}")
+    if variant != "deformable_detr" and (with_box_refine or two_stage):
+        raise ValueError(f"with_box_refine / two_stage are Deformable DETR flags, not {variant}'s")
+    L = dec_layers
+    if variant == "detr":  # sec. 7.2: models/detr.py, one head pair, no alias
+        return OfficialLayout(variant, "single", L)
+    if variant == "conditional_detr":  # sec. 7.3: as DETR
+        return OfficialLayout(variant, "single", L)
+    if variant == "dab_detr":  # sec. 7.4: iter_update hands bbox_embed to the decoder
+        return OfficialLayout(variant, "single", L, (_DEC_BBOX,))
+    if variant == "deformable_detr":  # sec. 7.5: deformable_detr.py, DeformableDETR.__init__
+        aliases = ((_DEC_BBOX,) if with_box_refine else ()) + ((_DEC_CLASS,) if two_stage else ())
+        return OfficialLayout(variant, "per_layer" if with_box_refine else "shared",
+                              L + 1 if two_stage else L, aliases, two_stage)
+    if variant == "dino":  # sec. 7.6: dec_pred_{class,bbox}_embed_share=True, both handed over
+        return OfficialLayout(variant, "shared", L, (_DEC_BBOX, _DEC_CLASS))
+    raise ValueError(f"variant must be one of {sorted(CONFIGS)}, got {variant!r}")
+
+
+def _flags_of(variant: str, overrides: dict) -> dict:
+    """``official_layout``'s arguments for a model built with ``overrides``."""
+    if variant not in CONFIGS:
+        raise ValueError(f"variant must be one of {sorted(CONFIGS)}, got {variant!r}")
+    cfg = CONFIGS[variant]()
+    flags = dict(dec_layers=overrides.get("dec_layers", cfg.dec_layers))
+    if variant == "deformable_detr":
+        flags.update(with_box_refine=overrides.get("with_box_refine", cfg.with_box_refine),
+                     two_stage=overrides.get("two_stage", cfg.two_stage))
+    return flags
+
+
+# ------------------------------------------------------------------------------------------
+# Reading a file
+# ------------------------------------------------------------------------------------------
+
+def read_checkpoint(path: str, allow_unsafe_pickle: bool = False) -> dict:
+    """``torch.load`` a checkpoint on the CPU with ``weights_only=True``.
+
+    Official training checkpoints pickle their ``args`` as an ``argparse.Namespace``, which
+    ``weights_only=True`` (the default since PyTorch 2.6) refuses; it is then loaded again with
+    that one class allowlisted (``torch.serialization.safe_globals``). Anything else the file
+    pickles is refused unless ``allow_unsafe_pickle=True``, which loads with
+    ``weights_only=False`` and so runs whatever code the file carries: only for trusted files.
+    """
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint: no such file {path!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # most likely the argparse.Namespace under 'args': allow that one class
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_unsafe_pickle:
+            raise ValueError(
+                f"checkpoint {path!r} pickles objects that torch.load(weights_only=True) refuses "
+                f"even with argparse.Namespace allowed ({str(e).splitlines()[0]}); if you trust "
+                f"the file, pass allow_unsafe_pickle=True (it runs any code the file pickled)"
+            ) from e
+    warnings.warn(f"loading {path!r} with weights_only=False (allow_unsafe_pickle=True): the "
+                  f"file can run arbitrary code", stacklevel=2)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def extract_state_dict(ckpt, which: str = "model") -> StateDict:
+    """The weights of a loaded checkpoint: ``ckpt[which]`` when present (official files keep
+    them under 'model'; DINO's may also hold 'ema_model'), else ``ckpt`` itself when it is a
+    bare state dict. Every value must be a tensor."""
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"checkpoint must be a dict, got {type(ckpt).__name__}")
+    if which in ckpt:
+        state = ckpt[which]
+        if not isinstance(state, Mapping):
+            raise ValueError(f"checkpoint[{which!r}] must be a state dict, got "
+                             f"{type(state).__name__}")
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state = ckpt
+    else:
+        raise ValueError(f"checkpoint has no {which!r} entry and is not a bare state dict; its "
+                         f"top-level keys: {sorted(map(str, ckpt))[:10]}")
+    for k, v in state.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ValueError(f"state dict entry {k!r} is a {type(v).__name__}, not a tensor")
+    return dict(state)
+
+
+def strip_module_prefix(state: Mapping) -> StateDict:
+    """Drop the leading ``module.`` that (Distributed)DataParallel adds, as DINO's loader does."""
+    out = {}
+    for k, v in state.items():
+        name = k[len("module."):] if k.startswith("module.") else k
+        if name in out:
+            raise ValueError(f"state dict holds both {name!r} and 'module.{name}'")
+        out[name] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The mapping, both ways
+# ------------------------------------------------------------------------------------------
+
+_HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\d+)\.(.+)$")      # ours: class_embed.3.weight
+_SINGLE_HEAD = re.compile(r"^(class_embed|bbox_embed)\.(\D.*)$")     # single: class_embed.weight
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
+        return True  # one tensor saved twice (a shared module): torch.load keeps the storage
+    return torch.equal(a, b)
+
+
+def _check_shared(state: StateDict, layout: OfficialLayout):
+    """Every index of a shared head must hold index 0's values."""
+    for k, v in state.items():
+        m = _HEAD.match(k)
+        if m and m.group(2) != "0":
+            first = f"{m.group(1)}.0.{m.group(3)}"
+            if first in state and not _equal(v, state[first]):
+                raise ValueError(
+                    f"{k} differs from {first}, but {layout.variant} shares one head over all "
+                    f"layers here (with_box_refine=False): was the file trained with box "
+                    f"refinement?")
+
+
+def official_to_ours(state: Mapping, variant: str, dec_layers: int = 6,
+                     with_box_refine: bool = False, two_stage: bool = False) -> StateDict:
+    """Map an official state dict (``module.`` prefixes allowed) to our key names.
+
+    The result still has to match the model's key set and shapes (``load_official`` asserts
+    that); this function applies the variant's three rules and refuses what cannot be mapped.
+    """
+    layout = official_layout(variant, dec_layers, with_box_refine, two_stage)
+    out = strip_module_prefix(state)
+    # 1. files with one head pair have no per-layer head keys
+    if layout.heads == "single":
+        for k in out:
+            if _HEAD.match(k):
+                raise ValueError(f"official {variant} files have one head pair "
+                                 f"(class_embed.weight, bbox_embed.layers.*), not per-layer "
+                                 f"keys like {k}: is this a checkpoint of this project? (load "
+                                 f"those with model.load_state_dict)")
+    # 2. the decoder's alias copies of the heads: check, then drop
+    for alias, original in layout.aliases:
+        keys = [k for k in out if k.startswith(alias)]
+        if not keys:
+            flags = (f" with_box_refine={with_box_refine}, two_stage={two_stage}"
+                     if variant == "deformable_detr" else "")
+            raise ValueError(f"official {variant} files{flags} hold the alias copies {alias}*; "
+                             f"none found" + (" (are those the file's flags?)" if flags else ""))
+        for k in keys:
+            orig = original + k[len(alias):]
+            if orig not in out:
+                raise ValueError(f"alias {k} has no original {orig} in the state dict")
+            if not _equal(out[k], out[orig]):
+                raise ValueError(f"{k} must be an alias of {orig}, but their values differ")
+            del out[k]
+    # 3. heads per layer
+    if layout.heads == "single":
+        for k in list(out):
+            m = _SINGLE_HEAD.match(k)
+            if m:
+                v = out.pop(k)
+                for i in range(layout.num_pred):  # the same tensor for every layer
+                    out[f"{m.group(1)}.{i}.{m.group(2)}"] = v
+    elif layout.heads == "shared":
+        _check_shared(out, layout)
+    # 4. every other name is already ours
+    return out
+
+
+def ours_to_official(state: Mapping, variant: str, dec_layers: int = 6,
+                     with_box_refine: bool = False, two_stage: bool = False) -> StateDict:
+    """The inverse of ``official_to_ours``: our state dict in the official layout (single heads
+    collapsed, the decoder's alias copies added), e.g. to compare with or run official code."""
+    layout = official_layout(variant, dec_layers, with_box_refine, two_stage)
+    out = strip_module_prefix(state)
+    if layout.heads in ("single", "shared"):
+        _check_shared(out, layout)
+    if layout.heads == "single":
+        for k in list(out):
+            m = _HEAD.match(k)
+            if m:
+                v = out.pop(k)
+                if m.group(2) == "0":
+                    out[f"{m.group(1)}.{m.group(3)}"] = v
+    for alias, original in layout.aliases:
+        for k in [k for k in out if k.startswith(original)]:
+            out[alias + k[len(original):]] = out[k]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# COCO's 91 slots -> a data set's classes
+# ------------------------------------------------------------------------------------------
+
+_CLASS_ROWS = re.compile(r"^(transformer\.decoder\.)?class_embed\.(?:(\d+)\.)?(weight|bias)$"
+                         r"|^transformer\.enc_out_class_embed\.(weight|bias)$")
+
+
+def coco_slots_to_classes(state: Mapping, category_ids: Sequence[int], variant: str,
+                          dec_layers: int = 6, with_box_refine: bool = False,
+                          two_stage: bool = False, num_slots: int = COCO_NUM_SLOTS) -> StateDict:
+    """Keep the class rows of ``category_ids`` (label -> official class slot, e.g. a data set's
+    ``label_to_category``, or ``COCO_80_CATEGORY_IDS``), so label i is slot category_ids[i].
+
+    Works on the official layout or ours. Rows sliced (others untouched):
+      * every class head (``class_embed``, its decoder alias, DINO's ``enc_out_class_embed``):
+        ``num_slots`` rows, plus DETR's no-object row, which is kept last;
+      * DINO's ``label_enc``: ``dn_labelbook_size + 1`` rows (dn_labelbook_size >= num_slots);
+        the denoising labels index rows 0..num_classes-1, so those become the chosen slots, and
+        the extra last row is kept last;
+      * Deformable two-stage: the proposal head (the last index) scores tokens with channel 0
+        alone (the official encoder loss makes every target class 0), so its channel 0 keeps
+        slot 0 (the ``category_ids[0]`` row is not used there). With a head shared by every
+        layer (two-stage without refinement) this cannot be done and is refused.
+    """
+    layout = official_layout(variant, dec_layers, with_box_refine, two_stage)
+    given = list(category_ids)
+    try:  # ints, numpy or torch integers; not floats, not bools
+        ids = [operator.index(i) for i in given if not isinstance(i, bool)]
+    except TypeError:
+        ids = []
+    if not ids or len(ids) != len(given):
+        raise ValueError(f"category_ids must be a non-empty list of ints, got {category_ids!r}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"category_ids must be distinct, got {ids}")
+    if min(ids) < 0 or max(ids) >= num_slots:
+        raise ValueError(f"category_ids must lie in [0, {num_slots}), got {ids}")
+    if layout.two_stage and layout.heads == "shared":
+        raise ValueError("a two-stage Deformable DETR without refinement shares one class head "
+                         "between the decoder and the proposals, whose channel 0 is objectness: "
+                         "its classes cannot be sliced without changing the proposals; load all "
+                         f"{num_slots} slots and map labels after post-processing")
+    extra = 1 if CONFIGS[variant]().class_loss == "softmax" else 0  # DETR's no-object row
+    proposal_index = str(layout.num_pred - 1) if layout.two_stage else None
+    out = strip_module_prefix(state)
+    for k, v in out.items():
+        m = _CLASS_ROWS.match(k)
+        if m:
+            if v.shape[0] != num_slots + extra:
+                raise ValueError(f"{k} has {v.shape[0]} rows, expected {num_slots + extra} "
+                                 f"({num_slots} class slots{' + no-object' if extra else ''})")
+            is_proposal_head = m.group(2) is not None and m.group(2) == proposal_index
+            rows = [0] + ids[1:] if is_proposal_head else ids
+            rows = rows + list(range(num_slots, num_slots + extra))
+            out[k] = v[rows].clone()
+        elif k == "label_enc.weight":
+            if v.shape[0] < num_slots + 1:
+                raise ValueError(f"{k} has {v.shape[0]} rows; DINO's label_enc has "
+                                 f"dn_labelbook_size + 1 >= {num_slots + 1}")
+            out[k] = v[ids + [v.shape[0] - 1]].clone()
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The loader
+# ------------------------------------------------------------------------------------------
+
+def _check_fits(model: DETRModel, state: StateDict, variant: str):
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if not (missing or unexpected or shapes):
+        return
+
+    def names(xs):
+        return ", ".join(xs[:10]) + (f" (+{len(xs) - 10} more)" if len(xs) > 10 else "")
+    parts = [f"{len(xs)} {what}: {names(xs)}" for what, xs in
+             (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if xs]
+    hint = ""
+    if any(s.startswith(("class_embed.", "label_enc.", "transformer.enc_out_class_embed."))
+           for s in shapes):
+        hint = (" (class rows differ: pass num_classes to match the file, or category_ids to "
+                "select a data set's classes)")
+    raise ValueError(f"the official {variant} state dict does not fit the model: "
+                     + "; ".join(parts) + hint)
+
+
+def load_official(source, variant: str, num_classes: Optional[int] = None,
+                  category_ids: Optional[Sequence[int]] = None, which: str = "model",
+                  allow_unsafe_pickle: bool = False, **model_overrides) -> DETRModel:
+    """Build ``variant`` with ``model_overrides`` (as ``build_model``) and fill it from an
+    official checkpoint: a path, a loaded checkpoint dict, or a bare state dict.
+
+    num_classes:  the file's class slots (default 91, COCO; DETR's extra no-object row is
+                  implied by its softmax head). With ``category_ids`` it defaults to their
+                  number: the heads are sliced by ``coco_slots_to_classes``.
+    Deformable DETR needs the file's flags: ``with_box_refine=True`` and/or ``two_stage=True``.
+    Returns the model in eval mode. Any misfit raises a ValueError naming the keys.
+    """
+    if isinstance(source, Mapping):
+        ckpt = source
+    elif isinstance(source, (str, os.PathLike)):
+        ckpt = read_checkpoint(source, allow_unsafe_pickle)
+    else:
+        raise TypeError(f"source must be a path or a (state) dict, got {type(source).__name__}")
+    flags = _flags_of(variant, model_overrides)
+    layout = official_layout(variant, **flags)
+    state = official_to_ours(extract_state_dict(ckpt, which), variant, **flags)
+    if category_ids is not None:
+        if num_classes is not None and num_classes != len(category_ids):
+            raise ValueError(f"num_classes={num_classes} but {len(category_ids)} category_ids")
+        num_classes = len(category_ids)
+        state = coco_slots_to_classes(state, category_ids, variant, **flags)
+    elif num_classes is None:
+        num_classes = COCO_NUM_SLOTS
+    if variant == "dino" and "label_enc.weight" in state and \
+            state["label_enc.weight"].shape[0] > num_classes + 1:
+        # dn_labelbook_size > num_classes: rows num_classes..dn_labelbook_size-1 are never
+        # indexed (denoising labels are < num_classes); keep the first ones and the last
+        w = state["label_enc.weight"]
+        state["label_enc.weight"] = torch.cat([w[:num_classes], w[-1:]])
+    model = build_model(variant, num_classes, **model_overrides)
+    shared = model.class_embed[0] is model.class_embed[-1]
+    if len(model.class_embed) != layout.num_pred or shared != (layout.heads != "per_layer"):
+        raise RuntimeError("common/checkpoint.py's layout of the heads no longer matches "
+                           "common/detr.py: update official_layout")
+    _check_fits(model, state, variant)
+    model.load_state_dict(state)  # strict: key sets and shapes were checked just above
+    return model.eval()
