@@ -25,6 +25,10 @@ with gaps; DETR adds a no-object row, DINO's ``label_enc`` has ``dn_labelbook_si
 ``coco_slots_to_classes`` slices those rows for a data set's classes (its ``label_to_category``
 list), to fine-tune or evaluate an official model on a subset.
 
+Not covered, and refused by name: DAB-DETR's "3 pat" models (``transformer.patterns.weight``),
+single-scale Deformable DETR and DINO-5scale (other ``input_proj`` / ``level_embed`` shapes).
+The key lists follow the module definitions (spec sec. 8: not yet checked on released files).
+
 Usage::
 
     model = load_official("checkpoint0011_4scale.pth", "dino")                    # 91 slots
