@@ -510,7 +510,7 @@ class QSKD(nn.Module):
         t_enc, t_dec = self.teacher_forward(images, masks)
         s_enc = self.student.encode(images, masks)
         s_dec = self.student.decode(s_enc, targets=targets)
-        if t_enc.spatial_shapes_list != s_enc.spatial_shapes_list:
+        if self.cfg.agfd and t_enc.spatial_shapes_list != s_enc.spatial_shapes_list:
             raise ValueError(f"AGFD needs teacher and student feature maps of one size: teacher "
                              f"{t_enc.spatial_shapes_list}, student {s_enc.spatial_shapes_list} "
                              f"(backbones of different strides?)")
