@@ -68,6 +68,8 @@ from common.transformer import MLP, inverse_sigmoid  # noqa: E402
 
 SUPPORTED = ("deformable_detr", "dino", "conditional_detr", "dab_detr")
 MULTI_SCALE = ("deformable_detr", "dino")
+CHOICES = {"pyramid_source": ("input_proj", "memory"), "student_pyramid": ("backbone_c3c5", "native"),
+           "ckd_embed": ("query", "roi")}
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,7 @@ class GDetKDConfig:
     ckd_positive_in_denominator: bool = True  # [recon] standard InfoNCE; False = [3p-G]
 
     def __post_init__(self):
-        choices = {"pyramid_source": ("input_proj", "memory"),
-                   "student_pyramid": ("backbone_c3c5", "native"), "ckd_embed": ("query", "roi")}
-        for name, ok in choices.items():
+        for name, ok in CHOICES.items():
             if getattr(self, name) not in ok:
                 raise ValueError(f"{name} must be one of {ok}, got {getattr(self, name)!r}")
         for name in ("sgfi_weight", "ckd_weight", "gt_jitter", "ckd_queue"):
@@ -602,7 +602,7 @@ def add_args(parser):
                            default=f.default, help=HELP[f.name])
         else:
             g.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
-                           help=HELP[f.name])
+                           choices=CHOICES.get(f.name), help=HELP[f.name])
     g.add_argument("--visualize", default=None, metavar="DIR",
                    help="write PNGs of the RoIs and SGFI level weights for a few val images")
     return parser

@@ -367,6 +367,26 @@ def test_gradients_reach_the_student_never_the_teacher(tv, sv, emb):  # invarian
     assert len(d.queue.items) == 1 and not d.queue.items[0].requires_grad
 
 
+@pytest.mark.parametrize("sv,opts", [
+    ("deformable_detr", dict(pyramid_source="memory", ckd_shared_head=True, learn_tau=False)),
+    ("conditional_detr", dict(student_pyramid="native", ckd_positive_in_denominator=False)),
+    ("deformable_detr", dict(shared_adapter=True, gt_jitter=0.1, ckd_queue=0))])
+def test_options_run_and_train_their_modules(sv, opts):
+    d = distiller("dino", sv, **opts).train()
+    losses = d(*batch())
+    sum(losses[k] * d.weight_dict[k] for k in losses if k in d.weight_dict).backward()
+    if opts.get("student_pyramid") == "native" or opts.get("shared_adapter"):
+        assert len(d.sgfi.adapters) == 1
+    if opts.get("ckd_shared_head"):
+        assert d.ckd_head.weight.grad is not None and d.ckd_head.weight.grad.abs().sum() > 0
+    if opts.get("learn_tau") is False:
+        assert "sgfi.log_tau" not in dict(d.named_parameters())
+    assert d.queue.items is None if opts.get("ckd_queue") == 0 else len(d.queue.items) == 1
+    for name, p in d.named_parameters():
+        if name.startswith(("sgfi.", "ckd_")):
+            assert p.grad is not None, name
+
+
 def test_ckd_query_mode_feeds_identical_frozen_queries(monkeypatch):  # invariant 12
     d = distiller("deformable_detr", "deformable_detr", sgfi=False).train()
     seen = {"t": [], "s": []}
