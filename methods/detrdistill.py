@@ -571,6 +571,21 @@ def visualize(distiller, dataset, out_dir, num_images=4, shown=10):
 # main
 # ------------------------------------------------------------------------------------------
 
+HELP = {"w_hmld": "multiplier of the HMLD terms", "w_tafd": "multiplier of the TAFD terms",
+        "w_nce": "multiplier of the InfoNCE term (on top of --nce-weight)",
+        "w_qpad": "multiplier of the QPAD terms",
+        "hmld_cost_class": "HMLD matching: soft-BCE cost weight",
+        "hmld_cost_bbox": "HMLD matching: L1 cost weight", "hmld_cost_giou": "HMLD matching: GIoU cost weight",
+        "hmld_loss_class": "HMLD soft-BCE loss weight", "hmld_loss_bbox": "HMLD L1 loss weight",
+        "hmld_loss_giou": "HMLD GIoU loss weight",
+        "feature_source": "TAFD features: neck (entering the encoder, code) or encoder_memory (paper figure)",
+        "tafd_topk": "TAFD: teacher (query, class) pairs that build the mask",
+        "tafd_mask_floor": "TAFD: lower clamp of the mask before max-normalisation",
+        "nce_dim": "InfoNCE projection width", "nce_temperature": "InfoNCE temperature",
+        "nce_weight": "InfoNCE loss weight",
+        "layer_map": "teacher layer per student layer when counts differ: ceil(i L_T / L_S) or the last L_S"}
+
+
 def add_method_args(parser):
     d = DETRDistillConfig()
     g = parser.add_argument_group("DETRDistill")
@@ -586,7 +601,7 @@ def add_method_args(parser):
     for f in fields(DETRDistillConfig):
         if f.name in bool_flags:
             continue
-        kw = dict(type=type(getattr(d, f.name)), default=getattr(d, f.name))
+        kw = dict(type=type(getattr(d, f.name)), default=getattr(d, f.name), help=HELP.get(f.name, " "))
         if f.name == "feature_source":
             kw["choices"] = ["neck", "encoder_memory"]
         if f.name == "layer_map":
