@@ -9,8 +9,10 @@ import os
 
 from common.data import add_data_args
 
-# Presets for the embedded data on a CPU (model overrides + training settings). They are
-# starting points sized for 2 CPU cores; bench/RESULTS.md records what they reach.
+# Presets for the embedded data on a CPU (model size + training settings). They are starting
+# points sized for 2 CPU cores; bench/RESULTS.md records what they reach. "variant" is only the
+# default: with --variant another family gets the same sizes, and the fields it does not have
+# (num_feature_levels, two_stage, ...) are skipped.
 PRESETS = {
     "cpu-teacher": dict(variant="deformable_detr", backbone="tiny", width=32, hidden_dim=128,
                         nheads=8, enc_layers=3, dec_layers=3, dim_feedforward=512,
@@ -116,11 +118,11 @@ def resolve(args, default_variant="deformable_detr"):
     overrides = {}
     for name in list(MODEL_FLAGS) + ["with_box_refine", "two_stage"]:
         value = getattr(args, name)
-        if value is None and name in preset:
-            value = preset[name]
+        if value is not None and not hasattr(cfg, name):
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to {args.variant}")
+        if value is None and name in preset and hasattr(cfg, name):
+            value = preset[name]  # a preset's field that the variant lacks is skipped
         if value is not None:
-            if not hasattr(cfg, name):
-                raise ValueError(f"--{name.replace('_', '-')} does not apply to {args.variant}")
             overrides[name] = value
     for name in TRAIN_FLAGS:
         if getattr(args, name) is None:

@@ -69,3 +69,14 @@ def test_resume_of_another_model_is_refused(trained):
     with pytest.raises(ValueError, match="does not fit this model"):
         baseline.main(common + ["--hidden-dim", "48", "--resume", str(out / "checkpoint.pth"),
                                 "--eval"])
+
+
+def test_presets_carry_over_to_other_families():
+    from common import cli
+    parser = cli.build_parser("t")
+    args, overrides = cli.resolve(parser.parse_args(["--variant", "dab_detr", "--preset",
+                                                     "cpu-student"]))
+    assert overrides["hidden_dim"] == cli.PRESETS["cpu-student"]["hidden_dim"]
+    assert "two_stage" not in overrides and "num_feature_levels" not in overrides
+    with pytest.raises(ValueError, match="--two-stage does not apply to dab_detr"):
+        cli.resolve(parser.parse_args(["--variant", "dab_detr", "--two-stage"]))
