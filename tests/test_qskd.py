@@ -454,7 +454,7 @@ def test_mask_padding_and_images_without_gt():
     empty = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}] * 2
     losses = d(images, masks, empty)
     assert all(torch.isfinite(v) for v in losses.values())
-    assert float(losses["loss_agfd"]) == 0 and float(losses["loss_lapd"]) == 0
+    assert float(losses["loss_agfd"].detach()) == 0 and float(losses["loss_lapd"].detach()) == 0
 
 
 def test_dino_denoising_queries_never_enter_groups():
@@ -536,3 +536,40 @@ def test_script_refuses_unsupported_pair(script_run):
     with pytest.raises(ValueError, match="teacher deformable_detr, student dino"):
         qskd.main(["--preset", "cpu-tiny", "--variant", "dino", "--teacher",
                    str(tmp / "teacher" / "checkpoint.pth")] + data)
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA (run by the lead on a GPU): same selection and losses as on CPU; bf16 autocast runs
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["deformable_detr", "dab_detr", "dino"])
+def test_cuda_matches_cpu_and_runs_under_amp(variant):
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        teacher, student = tiny_pair(variant, dn_number=0) if variant == "dino" else tiny_pair(variant)
+        cpu = qskd.QSKD(qskd.QSKDConfig(), teacher, student, 4).train()
+        gpu = copy.deepcopy(cpu).cuda().train()
+        images, masks, targets = tiny_batch()
+        t_gpu = [{k: v.cuda() for k, v in t.items()} for t in targets]
+        out_c = cpu(images, masks, targets)
+        out_g = gpu(images.cuda(), masks.cuda(), t_gpu)
+        for k in ("loss_agfd", "loss_lapd", "loss_lapd_0", "loss_ce"):
+            torch.testing.assert_close(out_g[k].cpu(), out_c[k].detach(), rtol=1e-3, atol=1e-4)
+        t_enc, t_dec = gpu.teacher_forward(images.cuda(), masks.cuda())
+        s_dec = gpu.student.decode(gpu.student.encode(images.cuda(), masks.cuda()))
+        sel_g = gpu.select(t_enc, t_dec, s_dec, t_gpu)
+        t_enc, t_dec = cpu.teacher_forward(images, masks)
+        sel_c = cpu.select(t_enc, t_dec, student.decode(student.encode(images, masks)), targets)
+        for a, b in zip(sel_g["s_groups"], sel_c["s_groups"]):
+            assert torch.equal(a.group.cpu(), b.group)
+        torch.testing.assert_close(sel_g["mask"].cpu(), sel_c["mask"], rtol=1e-3, atol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            amp = gpu(images.cuda(), masks.cuda(), t_gpu)
+        loss = sum(amp[k].float() * gpu.weight_dict[k] for k in amp if k in gpu.weight_dict)
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert all(p.grad is None for p in gpu.teacher.parameters())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
