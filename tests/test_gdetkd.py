@@ -21,6 +21,15 @@ SMALL = dict(backbone="tiny", width=8, hidden_dim=32, nheads=4, enc_layers=1, de
              dim_feedforward=64, num_queries=10, dropout=0.0)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is faster than two fighting over a shared CPU (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make(variant, **kw):
     extra = dict(num_feature_levels=3) if variant in ("deformable_detr", "dino") else {}
     if variant == "dino":
