@@ -599,7 +599,11 @@ class DETRModel(nn.Module):
         enc_outputs (two-stage: all tokens; DINO: the selected top-k, official
         'interm_outputs'), dn_outputs / dn_meta (DINO training with targets)."""
         enc = self.encode(images, masks)
-        dec = self.decode(enc, targets=targets)
+        return self.outputs(enc, self.decode(enc, targets=targets))
+
+    def outputs(self, enc, dec):
+        """The DETR-style dict of ``forward`` from an ``encode`` and a ``decode`` result, for
+        callers (distillers) that need the inner signals and the criterion's input alike."""
         out = {"pred_logits": dec.logits[-1], "pred_boxes": dec.boxes[-1],
                "aux_outputs": [{"pred_logits": a, "pred_boxes": b}
                                for a, b in zip(dec.logits[:-1], dec.boxes[:-1])]}
@@ -611,8 +615,8 @@ class DETRModel(nn.Module):
         if dec.dn is not None:
             out["dn_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                  for a, b in zip(dec.dn.logits, dec.dn.boxes)]
-            out["dn_meta"] = {"num_dn_queries": dec.dn_meta["num_dn_queries"],
-                              "positive": dec.dn_meta["positive"]}
+            out["dn_meta"] = {k: dec.dn_meta[k] for k in ("num_dn_queries", "num_groups",
+                                                           "positive")}
         return out
 
 
