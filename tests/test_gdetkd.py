@@ -513,3 +513,10 @@ def test_queue_gathers_all_processes():  # the queue is all-gathered (gloo, 2 fo
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_gather_worker, args=(port,), nprocs=2, start_method="fork")
+
+
+def test_script_refuses_unsupported_pair(run):
+    common, tmp, teacher, _ = run
+    with pytest.raises(ValueError, match="teacher deformable_detr -> student detr"):
+        gdetkd.main(common + ["--teacher", teacher, "--variant", "detr", "--output-dir",
+                              str(tmp / "bad")])
