@@ -30,9 +30,12 @@ namespace msda {
 // how much each weighs. `row[c]` is the row (h * W + w) of corner c inside the level, or -1 when
 // the corner lies outside the map; `weight[c]` is its bilinear weight and `dweight_dx[c]`,
 // `dweight_dy[c]` the derivatives of that weight w.r.t. the *normalised* location x and y.
-template <typename acc_t>
+// index_t is the integer type of the rows: int64_t on the CPU; the CUDA kernels use int32_t when
+// every tensor has fewer than 2^31 elements (64-bit integer multiplies cost several 32-bit ones
+// on a GPU), which requires H * W < 2^31 for the level.
+template <typename acc_t, typename index_t = int64_t>
 struct Corners {
-  int64_t row[4];
+  index_t row[4];
   acc_t weight[4];
   acc_t dweight_dx[4];
   acc_t dweight_dy[4];
@@ -45,9 +48,9 @@ DETRKD_HD double floor_of(double v) { return floor(v); }
 // leaves `k` untouched) when no corner is inside the map: the sample and its gradients are zero.
 // The test `px >= -1` (not `> -1`) keeps grid_sample's gradient at px == -1 exactly, where the
 // in-map corner has weight 0 but a non-zero derivative. NaN locations fail the test and sample 0.
-template <typename acc_t>
-DETRKD_HD bool bilinear_corners(acc_t x, acc_t y, int64_t height, int64_t width,
-                                Corners<acc_t>& k) {
+template <typename acc_t, typename index_t>
+DETRKD_HD bool bilinear_corners(acc_t x, acc_t y, index_t height, index_t width,
+                                Corners<acc_t, index_t>& k) {
   const acc_t px = x * static_cast<acc_t>(width) - acc_t(0.5);
   const acc_t py = y * static_cast<acc_t>(height) - acc_t(0.5);
   if (!(px >= acc_t(-1) && px < static_cast<acc_t>(width) && py >= acc_t(-1) &&
@@ -55,7 +58,7 @@ DETRKD_HD bool bilinear_corners(acc_t x, acc_t y, int64_t height, int64_t width,
     return false;  // also keeps floor() of huge or NaN coordinates away from the int cast
   }
   const acc_t fw0 = floor_of(px), fh0 = floor_of(py);
-  const int64_t w0 = static_cast<int64_t>(fw0), h0 = static_cast<int64_t>(fh0);
+  const index_t w0 = static_cast<index_t>(fw0), h0 = static_cast<index_t>(fh0);
   const acc_t fx = px - fw0, fy = py - fh0;  // fractional parts in [0, 1)
   const acc_t gx = acc_t(1) - fx, gy = acc_t(1) - fy;
   const bool in_w0 = w0 >= 0, in_w1 = w0 + 1 < width;  // w0 < width holds since px < width
@@ -86,8 +89,8 @@ DETRKD_HD bool bilinear_corners(acc_t x, acc_t y, int64_t height, int64_t width,
 // with the corner's value vector; 0 for corners outside the map):
 //     d out / d a = sum_c w_c dot_c           (a: the attention weight)
 //     d out / d x = a * sum_c dw_c/dx dot_c,  same for y.
-template <typename acc_t>
-DETRKD_HD void point_grads(const Corners<acc_t>& k, const acc_t dot[4], acc_t attn,
+template <typename acc_t, typename index_t>
+DETRKD_HD void point_grads(const Corners<acc_t, index_t>& k, const acc_t dot[4], acc_t attn,
                            acc_t& grad_attn, acc_t& grad_x, acc_t& grad_y) {
   acc_t ga = 0, gx = 0, gy = 0;
   for (int c = 0; c < 4; ++c) {

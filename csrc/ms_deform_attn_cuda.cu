@@ -3,18 +3,36 @@
 // per-point math (corner rows, bilinear weights and their derivatives) is ms_deform_attn.h, the
 // same code the CPU kernels run.
 //
-// Work mapping: a group of G lanes (G a power of two <= 32, inside one warp) handles one
-// (b, q, head); lane i handles channels i, i + G, i + 2G, ... so neighbouring lanes read
-// neighbouring channels of a value row (coalesced). G = 32 for Dh >= 32, else the next power of
-// two >= Dh, so that small heads still fill their warps.
+// Work mapping. A group of G lanes (G a power of two <= 32, inside one warp) handles one
+// (b, q, head). Each lane owns VEC consecutive channels per chunk and NV chunks: lane i holds
+// channels (j * G + i) * VEC + e, j < NV, e < VEC, so the group reads a value row in wide,
+// coalesced pieces.
+//   * Vector path (Dh a multiple of VEC = 16 bytes / element size, 16-byte aligned tensors,
+//     every tensor < 2^30 elements): one 16-byte load per lane and chunk (float4 for fp32, 8
+//     halves for fp16/bf16, double2), G = min(Dh / VEC rounded up to a power of two, 8). For
+//     the usual Dh = 32 that is 8 lanes (fp32) or 4 lanes (fp16/bf16) per (b, q, head), so a
+//     warp serves 4 or 8 of them: the per-point set-up (location, corners, weights), which every
+//     lane of a group repeats, is repeated 8 or 4 times instead of 32 times as in a
+//     thread-per-channel kernel, and each load instruction moves 16 bytes per lane.
+//   * Scalar path (any other Dh or alignment): VEC = 1, G = the next power of two >= Dh, at
+//     most 32 (the previous mapping).
+// Integer arithmetic is 32-bit (index_t = int32_t) when every tensor has fewer than 2^30
+// elements, and 64-bit otherwise (64-bit multiplies and divides cost several 32-bit ones).
 //   forward:  every lane accumulates its channels over all L * P points in registers and writes
-//             them once; no atomics.
-//   backward: per point, every lane adds A * w_c * grad_out into the four corners of grad_value
-//             with atomicAdd (many queries sample the same cells, so atomics are unavoidable
-//             without sorting), and forms its partial sums of grad_attn and grad_loc; the group
-//             adds those up with warp shuffles (no shared memory, no __syncthreads) and lane 0
-//             writes them. The official kernel instead syncs the block and lets one thread sum
-//             the channels serially, per point.
+//             them once; no atomics. For each point it issues its four corner loads before
+//             using any of them, so they are in flight together.
+//   backward: every lane keeps its grad_out channels in registers for all points; per point it
+//             adds A * w_c * grad_out into the four corners of grad_value with atomicAdd (many
+//             queries sample the same cells, so atomics are unavoidable without sorting; on
+//             sm_90 one float4/float2 vector atomic per chunk instead of 4 or 2 scalar ones),
+//             and forms its partial sums of grad_attn and grad_loc; the group adds those up
+//             with warp shuffles (no shared memory, no __syncthreads) and lane 0 writes them.
+//             The official kernel instead syncs the block and lets one thread sum the
+//             channels serially, per point.
+// Level table: spatial_shapes and level_start_index live on the device and are not checked on
+// the host (that would synchronise). Each level is checked when read: a level whose rows
+// [start, start + H * W) do not lie inside value's S rows is skipped (it samples zero and gets
+// zero gradients), so a bad table can never make a kernel read or write outside the tensors.
 // Types: float, double, half and bfloat16; arithmetic in at::opmath_type (float for the half
 // types). For the half types grad_value is accumulated in a float buffer and cast at the end.
 // Loops are grid-stride with a capped grid; every pointer is computed inside its iteration.
@@ -27,7 +45,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <tuple>
+#include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -35,60 +54,130 @@ using detrkd::msda::bilinear_corners;
 using detrkd::msda::Corners;
 using detrkd::msda::point_grads;
 
-constexpr int kBlock = 256;  // threads per block, a multiple of 32
+constexpr int kBlock = 256;          // threads per block, a multiple of 32
+constexpr int64_t kSmall = 1 << 30;  // below this many elements everywhere, index with int32
 
+template <typename index_t>
 struct Sizes {
-  int64_t B, S, Q, H, L, P, Dh;
+  index_t B, S, Q, H, L, P, Dh;
 };
 
-// Forward. CPL = channels per lane held in registers per pass: the group covers G * CPL channels
-// per pass over the points and makes ceil(Dh / (G * CPL)) passes (one unless Dh > 256).
-template <typename scalar_t, int G, int CPL>
+// VEC elements of one tensor, aligned so that a load or store of the whole is one instruction.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <int VEC, typename T>
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+// One level of the table, in index_t.
+template <typename index_t>
+struct Level {
+  index_t height, width, start;
+};
+
+// Reads level l of the device-side table. False when its rows [start, start + H * W) are not
+// inside [0, S): the level is then skipped. A valid level has H * W <= S, so corner rows
+// h * W + w fit index_t.
+template <typename index_t>
+__device__ __forceinline__ bool load_level(const int64_t* __restrict__ shapes,
+                                           const int64_t* __restrict__ starts, index_t l,
+                                           index_t S, Level<index_t>& lv) {
+  const int64_t h = shapes[2 * l], w = shapes[2 * l + 1], start = starts[l], s = S;
+  if (!(h >= 0 && w >= 0 && start >= 0 && h <= s && w <= s && start <= s)) return false;
+  // h * w cannot overflow int64 when s < 2^31; beyond that, compare by division
+  const bool fits = s < (int64_t(1) << 31) ? h * w <= s - start : (w == 0 || h <= (s - start) / w);
+  if (!fits) return false;
+  lv.height = static_cast<index_t>(h);
+  lv.width = static_cast<index_t>(w);
+  lv.start = static_cast<index_t>(start);
+  return true;
+}
+
+// Forward. Each pass over the points covers G * VEC * NV channels (one pass unless Dh is larger).
+template <typename scalar_t, typename index_t, int G, int VEC, int NV>
 __global__ void __launch_bounds__(kBlock)
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                    const int64_t* __restrict__ starts, const scalar_t* __restrict__ loc,
-                   const scalar_t* __restrict__ attn, scalar_t* __restrict__ out, Sizes n) {
+                   const scalar_t* __restrict__ attn, scalar_t* __restrict__ out,
+                   Sizes<index_t> n) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_groups = n.B * n.Q * n.H;
+  using pack_t = Pack<scalar_t, VEC>;
+  constexpr int kGroups = kBlock / G;   // groups per block
+  constexpr int kSpan = G * VEC * NV;   // channels per pass
   const int lane = threadIdx.x % G;
-  const int64_t row_stride = n.H * n.Dh;
-  for (int64_t grp = (static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x) / G;
-       grp < n_groups; grp += static_cast<int64_t>(gridDim.x) * (kBlock / G)) {
+  const index_t n_groups = n.B * n.Q * n.H;
+  const index_t row_stride = n.H * n.Dh;  // elements from one value row (token) to the next
+  for (index_t grp = static_cast<index_t>(blockIdx.x) * kGroups +
+                           static_cast<index_t>(threadIdx.x / G);
+       grp < n_groups; grp += static_cast<index_t>(gridDim.x) * kGroups) {
     // grp = (b * Q + q) * H + h indexes the output row out[b, q, h*Dh : (h+1)*Dh]
-    const int64_t h = grp % n.H, b = grp / (n.Q * n.H);
+    const index_t h = grp % n.H, b = grp / (n.Q * n.H);
     const scalar_t* v_bh = value + (b * n.S * n.H + h) * n.Dh;  // row r at v_bh + r * row_stride
-    for (int64_t c0 = 0; c0 < n.Dh; c0 += G * CPL) {
-      acc_t acc[CPL];
+    for (index_t c0 = 0; c0 < n.Dh; c0 += kSpan) {
+      index_t ch[NV];  // first channel of this lane's chunk j
+      bool has[NV];    // chunk j lies inside Dh (VEC divides Dh on the vector path)
+      index_t ch_read[NV];  // ch[j] where has[j], else channel 0: a chunk that exists
+      acc_t acc[NV][VEC];
 #pragma unroll
-      for (int k = 0; k < CPL; ++k) acc[k] = acc_t(0);
-      for (int64_t l = 0; l < n.L; ++l) {
-        const int64_t Hl = shapes[2 * l], Wl = shapes[2 * l + 1], start = starts[l];
-        for (int64_t p = 0; p < n.P; ++p) {
-          const int64_t pt = (grp * n.L + l) * n.P + p;
-          Corners<acc_t> kc;
-          if (!bilinear_corners(static_cast<acc_t>(loc[2 * pt]),
-                                static_cast<acc_t>(loc[2 * pt + 1]), Hl, Wl, kc)) {
-            continue;
-          }
+      for (int j = 0; j < NV; ++j) {
+        ch[j] = c0 + (j * G + lane) * VEC;
+        has[j] = ch[j] < n.Dh;
+        ch_read[j] = has[j] ? ch[j] : index_t(0);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][e] = acc_t(0);
+      }
+      for (index_t l = 0; l < n.L; ++l) {
+        Level<index_t> lv;
+        if (!load_level(shapes, starts, l, n.S, lv)) continue;
+        const scalar_t* v_l = v_bh + lv.start * row_stride;  // the level's first row
+        const index_t pt0 = (grp * n.L + l) * n.P;             // index of (b, q, h, l, 0)
+        // Branch-free body: the four corner loads of a point are issued back to back and are in
+        // flight together. A corner outside the map (or a chunk past Dh) still loads, from row
+        // 0 of this (b, head), and its value is then not used. (A zero weight would not do:
+        // 0 * inf is NaN, and grid_sample ignores such corners entirely.) Not unrolled: a
+        // second point's loads would cost registers (64+ on sm_90, with spills), and occupancy
+        // hides the latency as well.
+#pragma unroll 1
+        for (index_t p = 0; p < n.P; ++p) {
+          const index_t pt = pt0 + p;
+          Corners<acc_t, index_t> k;
+          const bool any = bilinear_corners(static_cast<acc_t>(loc[2 * pt]),
+                                            static_cast<acc_t>(loc[2 * pt + 1]), lv.height,
+                                            lv.width, k);
           const acc_t a = static_cast<acc_t>(attn[pt]);
+          bool valid[4];  // corner c inside the map (outside it reads zero)
+          pack_t v[4][NV];
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            const int64_t r = start + kc.row[c];
-            if (kc.row[c] < 0 || r < 0 || r >= n.S) continue;  // outside (or a bad level table)
-            const acc_t w = a * kc.weight[c];
-            const scalar_t* vr = v_bh + r * row_stride;
+            valid[c] = any && k.row[c] >= 0;
+            const scalar_t* src = valid[c] ? v_l + k.row[c] * row_stride : v_bh;
 #pragma unroll
-            for (int k = 0; k < CPL; ++k) {
-              const int64_t ch = c0 + k * G + lane;
-              if (ch < n.Dh) acc[k] += w * static_cast<acc_t>(vr[ch]);
+            for (int j = 0; j < NV; ++j) v[c][j] = load_pack<VEC>(src + ch_read[j]);
+          }
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            if (!valid[c]) continue;
+            const acc_t w = a * k.weight[c];
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+              if (!has[j]) continue;
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[j][e] += w * static_cast<acc_t>(v[c][j].v[e]);
             }
           }
         }
       }
 #pragma unroll
-      for (int k = 0; k < CPL; ++k) {
-        const int64_t ch = c0 + k * G + lane;
-        if (ch < n.Dh) out[grp * n.Dh + ch] = static_cast<scalar_t>(acc[k]);
+      for (int j = 0; j < NV; ++j) {
+        if (!has[j]) continue;
+        pack_t o;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) o.v[e] = static_cast<scalar_t>(acc[j][e]);
+        *reinterpret_cast<pack_t*>(out + grp * n.Dh + ch[j]) = o;
       }
     }
   }
@@ -104,56 +193,140 @@ __device__ __forceinline__ T group_sum(T v) {
   return v;
 }
 
+// *p[i] += d[i] for i < N, atomically per element. sm_90 has float2/float4 vector atomics (one
+// instruction and one memory operation for the whole chunk); older GPUs add element by element.
+template <int N, typename T>
+__device__ __forceinline__ void atomic_add_chunk(T* p, const T (&d)[N]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool kVector = std::is_same_v<T, float> && N % 2 == 0;
+#else
+  constexpr bool kVector = false;
+#endif
+  if constexpr (kVector && N % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < N; i += 4) {
+      atomicAdd(reinterpret_cast<float4*>(p + i), make_float4(d[i], d[i + 1], d[i + 2], d[i + 3]));
+    }
+  } else if constexpr (kVector) {
+#pragma unroll
+    for (int i = 0; i < N; i += 2) {
+      atomicAdd(reinterpret_cast<float2*>(p + i), make_float2(d[i], d[i + 1]));
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) atomicAdd(p + i, d[i]);
+  }
+}
+
+// One chunk of VEC channels starting at `ch` for one sample point: dot[c] += <g, V[corner c]>
+// over the chunk, and grad_value[corner c] += wa[c] * g (wa = attention x bilinear weight).
+// off[c] is the corner's element offset (value and grad_value share the layout) where
+// row[c] >= 0, else the offset of an existing row whose value is loaded but not used (the loads
+// are unconditional, so the four are in flight together).
+template <typename scalar_t, typename acc_t, typename index_t, int VEC>
+__device__ __forceinline__ void backward_chunk(const scalar_t* __restrict__ value,
+                                               acc_t* __restrict__ grad_value_acc,
+                                               const index_t (&row)[4], const index_t (&off)[4],
+                                               const acc_t (&wa)[4], const acc_t (&g)[VEC],
+                                               index_t ch, acc_t (&dot)[4]) {
+  Pack<scalar_t, VEC> v[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) v[c] = load_pack<VEC>(value + off[c] + ch);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    if (row[c] < 0) continue;
+    acc_t d[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      dot[c] += g[e] * static_cast<acc_t>(v[c].v[e]);
+      d[e] = wa[c] * g[e];
+    }
+    atomic_add_chunk<VEC>(grad_value_acc + off[c] + ch, d);
+  }
+}
+
 // Backward. grad_value_acc is grad_value itself (float, double) or a float buffer (half types).
-template <typename scalar_t, int G>
+// NV > 0: the lane's NV chunks cover Dh (the host guarantees Dh <= G * VEC * NV) and its
+// grad_out channels stay in registers; NV == 0: any Dh, the lane loops over its chunks.
+template <typename scalar_t, typename index_t, int G, int VEC, int NV>
 __global__ void __launch_bounds__(kBlock)
     backward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                     const int64_t* __restrict__ starts, const scalar_t* __restrict__ loc,
                     const scalar_t* __restrict__ attn, const scalar_t* __restrict__ grad_out,
                     at::opmath_type<scalar_t>* __restrict__ grad_value_acc,
-                    scalar_t* __restrict__ grad_loc, scalar_t* __restrict__ grad_attn, Sizes n) {
+                    scalar_t* __restrict__ grad_loc, scalar_t* __restrict__ grad_attn,
+                    Sizes<index_t> n) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t n_groups = n.B * n.Q * n.H;
+  constexpr int kGroups = kBlock / G;
+  constexpr int kHeld = NV > 0 ? NV : 1;  // chunks held in registers (unused when NV == 0)
   const int lane = threadIdx.x % G;
-  const int64_t row_stride = n.H * n.Dh;
+  const index_t n_groups = n.B * n.Q * n.H;
+  const index_t row_stride = n.H * n.Dh;
   // The loop bound depends on the block only, so all lanes of a warp run the same iterations
   // and reach every shuffle together; groups past the end are inactive but still shuffle.
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kBlock; base < n_groups * G;
-       base += static_cast<int64_t>(gridDim.x) * kBlock) {
-    const int64_t grp = (base + threadIdx.x) / G;  // (b * Q + q) * H + h
-    const bool active = grp < n_groups;
-    const int64_t h = grp % n.H, b = grp / (n.Q * n.H);
-    const int64_t head_offset = (b * n.S * n.H + h) * n.Dh;  // value row r: + r * row_stride
+  for (index_t base = static_cast<index_t>(blockIdx.x) * kGroups; base < n_groups;
+       base += static_cast<index_t>(gridDim.x) * kGroups) {
+    const index_t slot = base + static_cast<index_t>(threadIdx.x / G);
+    const bool active = slot < n_groups;
+    // (b * Q + q) * H + h; an inactive slot computes with the last group (no index overflows)
+    const index_t grp = active ? slot : n_groups - 1;
+    const index_t h = grp % n.H, b = grp / (n.Q * n.H);
+    const index_t head_offset = (b * n.S * n.H + h) * n.Dh;  // value row r: + r * row_stride
     const scalar_t* g_row = grad_out + grp * n.Dh;
-    for (int64_t l = 0; l < n.L; ++l) {
-      const int64_t Hl = shapes[2 * l], Wl = shapes[2 * l + 1], start = starts[l];
-      for (int64_t p = 0; p < n.P; ++p) {
-        const int64_t pt = (grp * n.L + l) * n.P + p;
-        Corners<acc_t> kc;
-        const bool inside =
-            active && bilinear_corners(static_cast<acc_t>(loc[2 * pt]),
-                                       static_cast<acc_t>(loc[2 * pt + 1]), Hl, Wl, kc);
+    index_t ch[kHeld];
+    bool has[kHeld];
+    acc_t g[kHeld][VEC];  // this lane's grad_out channels (zero where not has)
+    if constexpr (NV > 0) {
+#pragma unroll
+      for (int j = 0; j < NV; ++j) {
+        ch[j] = (j * G + lane) * VEC;
+        has[j] = active && ch[j] < n.Dh;
+        Pack<scalar_t, VEC> gp;
+        if (has[j]) gp = load_pack<VEC>(g_row + ch[j]);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) g[j][e] = has[j] ? static_cast<acc_t>(gp.v[e]) : acc_t(0);
+      }
+    }
+    for (index_t l = 0; l < n.L; ++l) {
+      Level<index_t> lv;
+      const bool level_ok = load_level(shapes, starts, l, n.S, lv);
+      const index_t level_offset = head_offset + (level_ok ? lv.start : index_t(0)) * row_stride;
+      const index_t pt0 = (grp * n.L + l) * n.P;
+      for (index_t p = 0; p < n.P; ++p) {
+        const index_t pt = pt0 + p;
+        Corners<acc_t, index_t> k;
+        const bool any =
+            active && level_ok &&
+            bilinear_corners(static_cast<acc_t>(loc[2 * pt]), static_cast<acc_t>(loc[2 * pt + 1]),
+                             lv.height, lv.width, k);
         acc_t ga = 0, gx = 0, gy = 0;  // this lane's share of grad_attn, grad_loc x and y
-        if (inside) {
+        if (any) {
           const acc_t a = static_cast<acc_t>(attn[pt]);
-          int64_t offset[4];
-          acc_t dot[4];
+          index_t off[4];
+          acc_t wa[4], dot[4];
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            const int64_t r = start + kc.row[c];
-            offset[c] = (kc.row[c] < 0 || r < 0 || r >= n.S) ? -1 : head_offset + r * row_stride;
+            off[c] = k.row[c] >= 0 ? level_offset + k.row[c] * row_stride : head_offset;
+            wa[c] = a * k.weight[c];
             dot[c] = acc_t(0);
           }
-          for (int64_t ch = lane; ch < n.Dh; ch += G) {
-            const acc_t g = static_cast<acc_t>(g_row[ch]);
+          if constexpr (NV > 0) {
 #pragma unroll
-            for (int c = 0; c < 4; ++c) {
-              if (offset[c] < 0) continue;
-              dot[c] += g * static_cast<acc_t>(value[offset[c] + ch]);
-              atomicAdd(grad_value_acc + offset[c] + ch, a * kc.weight[c] * g);
+            for (int j = 0; j < NV; ++j) {
+              if (has[j]) backward_chunk<scalar_t, acc_t, index_t, VEC>(
+                  value, grad_value_acc, k.row, off, wa, g[j], ch[j], dot);
+            }
+          } else {
+            for (index_t c = lane * VEC; c < n.Dh; c += G * VEC) {
+              const Pack<scalar_t, VEC> gp = load_pack<VEC>(g_row + c);
+              acc_t gc[VEC];
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) gc[e] = static_cast<acc_t>(gp.v[e]);
+              backward_chunk<scalar_t, acc_t, index_t, VEC>(value, grad_value_acc, k.row, off,
+                                                            wa, gc, c, dot);
             }
           }
-          point_grads(kc, dot, a, ga, gx, gy);  // linear in dot, so partial sums add up
+          point_grads(k, dot, a, ga, gx, gy);  // linear in dot, so partial sums add up
         }
         ga = group_sum<G>(ga);
         gx = group_sum<G>(gx);
@@ -168,38 +341,114 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// Lanes per (b, q, head): the next power of two >= Dh, at most a warp.
-int lanes_for(int64_t Dh) {
+// ---------------------------------------------------------------------------------------------
+// Host side: choosing and launching a configuration
+// ---------------------------------------------------------------------------------------------
+
+int next_pow2(int64_t x) {
   int g = 1;
-  while (g < 32 && g < Dh) g *= 2;
+  while (g < x && g < (1 << 30)) g *= 2;
   return g;
 }
 
-// Blocks for `threads` threads, capped at 32 per multiprocessor (the loops are grid-stride).
-int64_t blocks_for(int64_t threads) {
+// A launch configuration: G lanes per (b, q, head), VEC channels per chunk, NV chunks per lane
+// (NV == 0: backward loops over any number of chunks), 32- or 64-bit indexing.
+struct Plan {
+  bool small;  // int32 indexing
+  int G, VEC, NV;
+};
+
+// `aligned`: the tensors read or written in chunks start on 16-byte boundaries. `backward`:
+// NV may be 0 (the backward's loop); the forward instead makes several passes with NV = 4.
+template <typename scalar_t>
+Plan plan_for(int64_t Dh, bool small, bool aligned, bool backward) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+  if (!small) return Plan{false, std::min(next_pow2(Dh), 32), 1, backward ? 0 : 1};
+  const bool vector = aligned && Dh % kVec == 0;
+  const int VEC = vector ? kVec : 1;
+  const int64_t chunks = Dh / VEC;  // chunks per (b, q, head)
+  const int gmax = vector ? 8 : 32;
+  const int G = std::min<int64_t>(next_pow2(chunks), gmax);
+  const int64_t per_lane = (chunks + G - 1) / G;
+  const int NV = per_lane <= 1 ? 1 : per_lane <= 2 ? 2 : per_lane <= 4 ? 4 : (backward ? 0 : 4);
+  return Plan{true, G, VEC, NV};
+}
+
+template <int G_, int VEC_, int NV_>
+struct Cfg {
+  static constexpr int G = G_, VEC = VEC_, NV = NV_;
+};
+
+// Calls f(Cfg<G, VEC, NV>{}) for the plan's G and NV. Below GMAX lanes a group covers Dh in one
+// chunk per lane (NV = 1); at GMAX, NV is one of NVs.
+template <int VEC, int GMAX, int... NVs, typename F>
+void dispatch_config(int G, int NV, F&& f) {
+  if (G < GMAX) {
+    switch (G) {
+      case 1: f(Cfg<1, VEC, 1>{}); return;
+      case 2: f(Cfg<2, VEC, 1>{}); return;
+      case 4: f(Cfg<4, VEC, 1>{}); return;
+      case 8: if constexpr (GMAX > 8) { f(Cfg<8, VEC, 1>{}); return; } break;
+      case 16: if constexpr (GMAX > 16) { f(Cfg<16, VEC, 1>{}); return; } break;
+      default: break;
+    }
+  } else if (((NV == NVs ? (f(Cfg<GMAX, VEC, NVs>{}), true) : false) || ...)) {
+    return;
+  }
+  TORCH_CHECK(false, "ms_deform_attn: internal error, no kernel for G=", G, " VEC=", VEC,
+              " NV=", NV);
+}
+
+// Calls f(index_t{}, Cfg{}) for the plan (forward: NV in {1, 2, 4}; backward: also 0).
+template <typename scalar_t, bool kBackward, typename F>
+void dispatch_plan(const Plan& plan, F&& f) {
+  constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+  if (!plan.small) {
+    constexpr int kNV = kBackward ? 0 : 1;
+    dispatch_config<1, 32, kNV>(plan.G, plan.NV, [&](auto cfg) { f(int64_t{}, cfg); });
+  } else if (plan.VEC > 1) {
+    const auto g = [&](auto cfg) { f(int32_t{}, cfg); };
+    if constexpr (kBackward) dispatch_config<kVec, 8, 1, 2, 4, 0>(plan.G, plan.NV, g);
+    else dispatch_config<kVec, 8, 1, 2, 4>(plan.G, plan.NV, g);
+  } else {
+    const auto g = [&](auto cfg) { f(int32_t{}, cfg); };
+    if constexpr (kBackward) dispatch_config<1, 32, 1, 2, 4, 0>(plan.G, plan.NV, g);
+    else dispatch_config<1, 32, 1, 2, 4>(plan.G, plan.NV, g);
+  }
+}
+
+// Blocks for `groups` groups of G lanes, capped at 32 per multiprocessor (the loops are
+// grid-stride).
+int64_t blocks_for(int64_t groups, int G) {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t cap = static_cast<int64_t>(sms) * 32;
-  return std::max<int64_t>(1, std::min((threads + kBlock - 1) / kBlock, cap));
+  const int64_t cap = static_cast<int64_t>(sms) * 32, per_block = kBlock / G;
+  return std::max<int64_t>(1, std::min((groups + per_block - 1) / per_block, cap));
 }
 
-Sizes sizes_of(const at::Tensor& value, const at::Tensor& spatial_shapes,
-               const at::Tensor& sampling_loc) {
-  return Sizes{value.size(0),        value.size(1),        sampling_loc.size(1), value.size(2),
-               spatial_shapes.size(0), sampling_loc.size(4), value.size(3)};
+template <typename index_t>
+Sizes<index_t> sizes_of(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                        const at::Tensor& sampling_loc) {
+  return Sizes<index_t>{static_cast<index_t>(value.size(0)),  static_cast<index_t>(value.size(1)),
+                        static_cast<index_t>(sampling_loc.size(1)),
+                        static_cast<index_t>(value.size(2)),
+                        static_cast<index_t>(spatial_shapes.size(0)),
+                        static_cast<index_t>(sampling_loc.size(4)),
+                        static_cast<index_t>(value.size(3))};
 }
 
-// Calls BODY with the compile-time constant G (lanes per group) equal to lanes_for(Dh).
-#define DETRKD_DISPATCH_LANES(Dh, ...)                            \
-  switch (lanes_for(Dh)) {                                        \
-    case 1: { constexpr int G = 1; __VA_ARGS__; break; }          \
-    case 2: { constexpr int G = 2; __VA_ARGS__; break; }          \
-    case 4: { constexpr int G = 4; __VA_ARGS__; break; }          \
-    case 8: { constexpr int G = 8; __VA_ARGS__; break; }          \
-    case 16: { constexpr int G = 16; __VA_ARGS__; break; }        \
-    default: { constexpr int G = 32; __VA_ARGS__; break; }        \
-  }
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+// int32 indexing is safe: no tensor (nor the output B * Q * H * Dh, nor B * Q * H * L) reaches
+// 2^30 elements, so no index nor grid-stride step overflows.
+bool fits_int32(const at::Tensor& value, const at::Tensor& sampling_loc) {
+  const int64_t groups = sampling_loc.size(0) * sampling_loc.size(1) * value.size(2);
+  return value.numel() < kSmall && sampling_loc.numel() < kSmall &&
+         groups * value.size(3) < kSmall && groups * sampling_loc.size(3) < kSmall;
+}
 
 }  // namespace
 
@@ -208,34 +457,28 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                                        const at::Tensor& sampling_loc,
                                        const at::Tensor& attn_weight) {
   const c10::cuda::CUDAGuard guard(value.device());
-  const Sizes n = sizes_of(value, spatial_shapes, sampling_loc);
-  const int64_t n_groups = n.B * n.Q * n.H;
-  if (n_groups == 0 || n.Dh == 0) return at::zeros({n.B, n.Q, n.H * n.Dh}, value.options());
-  at::Tensor out = at::empty({n.B, n.Q, n.H * n.Dh}, value.options());  // every entry written
-  const int lanes = lanes_for(n.Dh);
-  const int64_t per_lane = (n.Dh + lanes - 1) / lanes;  // channels each lane covers
-  const int64_t blocks = blocks_for(n_groups * lanes);
+  const int64_t B = value.size(0), Q = sampling_loc.size(1), H = value.size(2),
+                Dh = value.size(3);
+  // (S == 0: no rows to sample; the kernels assume row 0 of each (b, head) exists)
+  if (B * Q * H == 0 || Dh == 0 || value.size(1) == 0) {
+    return at::zeros({B, Q, H * Dh}, value.options());
+  }
+  at::Tensor out = at::empty({B, Q, H * Dh}, value.options());  // every entry written
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
-        const auto args = std::make_tuple(
-            value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-            level_start_index.data_ptr<int64_t>(), sampling_loc.data_ptr<scalar_t>(),
-            attn_weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), n);
-        const auto launch = [&](auto kernel) {  // kernel: a forward_kernel instantiation
-          std::apply([&](auto... a) { kernel<<<blocks, kBlock, 0, stream>>>(a...); }, args);
-        };
-        if (lanes < 32) {
-          DETRKD_DISPATCH_LANES(n.Dh, launch(forward_kernel<scalar_t, G, 1>));
-        } else if (per_lane <= 1) {
-          launch(forward_kernel<scalar_t, 32, 1>);
-        } else if (per_lane <= 2) {
-          launch(forward_kernel<scalar_t, 32, 2>);
-        } else if (per_lane <= 4) {
-          launch(forward_kernel<scalar_t, 32, 4>);
-        } else {
-          launch(forward_kernel<scalar_t, 32, 8>);  // and several passes over the channels
-        }
+        const Plan plan = plan_for<scalar_t>(Dh, fits_int32(value, sampling_loc),
+                                             aligned16(value) && aligned16(out), false);
+        const int64_t blocks = blocks_for(B * Q * H, plan.G);
+        dispatch_plan<scalar_t, false>(plan, [&](auto index, auto cfg) {
+          using index_t = decltype(index);
+          using C = decltype(cfg);
+          forward_kernel<scalar_t, index_t, C::G, C::VEC, C::NV><<<blocks, kBlock, 0, stream>>>(
+              value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+              level_start_index.data_ptr<int64_t>(), sampling_loc.data_ptr<scalar_t>(),
+              attn_weight.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+              sizes_of<index_t>(value, spatial_shapes, sampling_loc));
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return out;
@@ -248,31 +491,38 @@ std::vector<at::Tensor> ms_deform_attn_backward_cuda(const at::Tensor& value,
                                                      const at::Tensor& attn_weight,
                                                      const at::Tensor& grad_output) {
   const c10::cuda::CUDAGuard guard(value.device());
-  const Sizes n = sizes_of(value, spatial_shapes, sampling_loc);
   const bool half_type =
       value.scalar_type() == at::kHalf || value.scalar_type() == at::kBFloat16;
   // grad_value is summed with atomics: in float for the half types, then cast once.
   at::Tensor grad_value_acc =
       at::zeros_like(value, half_type ? value.options().dtype(at::kFloat) : value.options());
-  const int64_t n_groups = n.B * n.Q * n.H;
-  const bool work = n_groups > 0 && n.Dh > 0;
+  const int64_t n_groups = value.size(0) * sampling_loc.size(1) * value.size(2);
+  const int64_t Dh = value.size(3);
+  const bool work = n_groups > 0 && Dh > 0 && value.size(1) > 0;
   // with work, the kernel writes every entry of grad_loc and grad_attn
   at::Tensor grad_loc = work ? at::empty_like(sampling_loc) : at::zeros_like(sampling_loc);
   at::Tensor grad_attn = work ? at::empty_like(attn_weight) : at::zeros_like(attn_weight);
   if (work) {
-    const int64_t blocks = blocks_for(n_groups * lanes_for(n.Dh));
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          DETRKD_DISPATCH_LANES(
-              n.Dh,
-              backward_kernel<scalar_t, G><<<blocks, kBlock, 0, stream>>>(
-                  value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-                  level_start_index.data_ptr<int64_t>(), sampling_loc.data_ptr<scalar_t>(),
-                  attn_weight.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
-                  grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<scalar_t>(),
-                  grad_attn.data_ptr<scalar_t>(), n));
+          const Plan plan = plan_for<scalar_t>(
+              Dh, fits_int32(value, sampling_loc),
+              aligned16(value) && aligned16(grad_output) && aligned16(grad_value_acc), true);
+          const int64_t blocks = blocks_for(n_groups, plan.G);
+          dispatch_plan<scalar_t, true>(plan, [&](auto index, auto cfg) {
+            using index_t = decltype(index);
+            using C = decltype(cfg);
+            backward_kernel<scalar_t, index_t, C::G, C::VEC, C::NV>
+                <<<blocks, kBlock, 0, stream>>>(
+                    value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+                    level_start_index.data_ptr<int64_t>(), sampling_loc.data_ptr<scalar_t>(),
+                    attn_weight.data_ptr<scalar_t>(), grad_output.data_ptr<scalar_t>(),
+                    grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<scalar_t>(),
+                    grad_attn.data_ptr<scalar_t>(),
+                    sizes_of<index_t>(value, spatial_shapes, sampling_loc));
+          });
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }

@@ -391,3 +391,113 @@ def test_cuda_bad_input_raises():
         _C.ms_deform_attn_forward(v.transpose(1, 2).contiguous().transpose(1, 2), ss, lsi, loc, a)
     with pytest.raises(RuntimeError, match="attn_weight must have value's dtype"):
         _C.ms_deform_attn_forward(v, ss, lsi, loc, a.half())
+
+
+# The CUDA kernels pick a lane mapping per shape: 16-byte vector chunks when Dh is a multiple of
+# 16 bytes / element size and the tensors are 16-byte aligned (G = 1..8 lanes per (b, q, head),
+# 1, 2 or 4 chunks per lane, several passes or a loop beyond), scalar lanes otherwise, and 64-bit
+# indexing for tensors of 2^30 elements or more. These cases reach each mapping's edges: lanes
+# whose chunk lies past Dh (fp32 Dh = 12, 24, 40; fp16 Dh = 24, 72), several chunks per lane
+# (128), passes and the backward's chunk loop (256).
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,Dh", [(torch.float32, d) for d in (4, 8, 12, 24, 40, 128, 256)]
+                         + [(torch.float64, d) for d in (2, 6, 32)])
+def test_cuda_vector_chunk_mappings(dtype, Dh):
+    got, ref = _cuda_case(2, [(6, 5), (3, 3), (1, 2)], Q=9, H=3, Dh=Dh, P=3, dtype=dtype)
+    for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        assert_close(g, r, rtol=1e-5, atol=2e-5, what=f"cuda {dtype} Dh={Dh} {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,ulp", [(torch.float16, 2.0 ** -10), (torch.bfloat16, 2.0 ** -7)])
+@pytest.mark.parametrize("Dh", [8, 16, 24, 72])
+def test_cuda_half_vector_chunk_mappings(dtype, ulp, Dh):
+    got, ref = _cuda_case(2, [(8, 6), (4, 3), (2, 2)], Q=40, H=2, Dh=Dh, P=4, dtype=dtype)
+    for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        g = g.double().cpu()
+        bound = ulp * r.abs() + 1e-6 * r.abs().max()
+        excess = ((g - r).abs() - bound).max()
+        assert excess <= 0, f"{dtype} Dh={Dh} {name}: error exceeds one ulp by {float(excess)}"
+
+
+@pytest.mark.cuda
+def test_cuda_unaligned_tensors_take_the_scalar_path():
+    """value and grad_output 4 bytes past a 16-byte boundary (a contiguous view with a storage
+    offset): 16-byte loads would fault or misread, so the kernels must fall back to scalar
+    lanes and still match the reference."""
+    B, shapes, Q, H, Dh, P = 2, [(5, 4), (2, 3)], 11, 2, 32, 2
+    value, ss, lsi, loc, attn = make_inputs(B, shapes, Q, H, Dh, P, dtype=torch.float64)
+    grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
+    value, loc, attn, grad_out = (t.float().double() for t in (value, loc, attn, grad_out))
+    ref = reference(value, ss, loc, attn, grad_out)
+
+    def offset_by_one(t):
+        buf = torch.empty(t.numel() + 1, dtype=torch.float32, device="cuda")
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        assert view.is_contiguous() and view.data_ptr() % 16 == 4
+        return view
+
+    from common import _C  # directly: the public op's autograd would copy into aligned memory
+    args = (offset_by_one(value), ss.cuda(), lsi.cuda(), loc.float().cuda(), attn.float().cuda())
+    got = [_C.ms_deform_attn_forward(*args),
+           *_C.ms_deform_attn_backward(*args, offset_by_one(grad_out))]
+    for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        assert_close(g, r, rtol=1e-5, atol=2e-5, what=f"cuda unaligned {name}")
+
+
+@pytest.mark.cuda
+def test_cuda_bad_device_level_table_skips_the_level():
+    """A level table on the GPU is not checked on the host (that would synchronise). A level
+    whose rows fall outside value's S rows (too large, or a negative start) must be skipped,
+    never read or written out of bounds: the result equals the reference without that level."""
+    B, Q, H, Dh, P = 2, 10, 2, 32, 2
+    good = [(4, 5), (2, 3)]
+    value, ss, lsi, loc, attn = make_inputs(B, good, Q, H, Dh, P, dtype=torch.float64)
+    value, loc, attn = (t.float().double() for t in (value, loc, attn))
+    grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64).float().double()
+    rows = good[0][0] * good[0][1]  # level 0 alone
+    ref = reference(value[:, :rows], ss[:1], loc[:, :, :, :1].contiguous(),
+                    attn[:, :, :, :1].contiguous(), grad_out)
+    for bad_shape, bad_start in [((1000, 1000), 20), ((2, 3), -4), ((2, 3), 22),
+                                 ((2 ** 40, 2 ** 40), 20), ((-2, 3), 20)]:
+        ss_bad = torch.tensor([list(good[0]), list(bad_shape)], dtype=torch.int64)
+        lsi_bad = torch.tensor([0, bad_start], dtype=torch.int64)
+        out, g_value, g_loc, g_attn = run_op(
+            value.float().cuda(), ss_bad.cuda(), lsi_bad.cuda(), loc.float().cuda(),
+            attn.float().cuda(), grad_out.float().cuda())
+        torch.cuda.synchronize()
+        what = f"bad level {bad_shape} at {bad_start}"
+        assert_close(out, ref[0], rtol=1e-5, atol=2e-5, what=f"{what}: output")
+        assert_close(g_value[:, :rows], ref[1], rtol=1e-5, atol=2e-5, what=f"{what}: grad_value")
+        assert not g_value[:, rows:].any(), what
+        assert_close(g_loc[:, :, :, :1], ref[2], rtol=1e-5, atol=2e-5, what=f"{what}: grad_loc")
+        assert_close(g_attn[:, :, :, :1], ref[3], rtol=1e-5, atol=2e-5, what=f"{what}: grad_attn")
+        assert not g_loc[:, :, :, 1:].any() and not g_attn[:, :, :, 1:].any(), what
+
+
+@pytest.mark.cuda
+def test_cuda_64bit_indexing():
+    """value with 2^30 elements takes the 64-bit-index kernels (generic scalar lanes, several
+    passes over Dh = 256 in the forward, a loop over the channels in the backward). Reference:
+    grid_sample in float32 on the GPU (the inputs are fp16, so float32 is exact enough to judge
+    fp16 results to an ulp; float64 on the CPU would need 8 GB per copy of value)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+        pytest.skip("needs a GPU with 40 GiB")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, Q, H, P, Dh, dtype = 1, 512, 4, 4, 256, torch.float16
+    ss, lsi = level_table([(1024, 1024)], device="cuda")
+    value = torch.randn(B, 2 ** 20, H, Dh, device="cuda", dtype=dtype, generator=g)
+    assert value.numel() == 2 ** 30
+    loc = (torch.rand(B, Q, H, 1, P, 2, device="cuda", generator=g) * 1.2 - 0.1).to(dtype)
+    attn = torch.rand(B, Q, H, 1, P, device="cuda", generator=g).to(dtype)
+    grad_out = torch.randn(B, Q, H * Dh, device="cuda", dtype=dtype, generator=g)
+    got = run_op(value, ss, lsi, loc, attn, grad_out)
+    v, l, a = (t.float().requires_grad_() for t in (value, loc, attn))
+    out = ops.ms_deform_attn_fallback(v, ss, l, a)
+    out.backward(grad_out.float())
+    ref = (out.detach(), v.grad, l.grad, a.grad)
+    del v, l, a, out
+    for name, x, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        excess = ((x.float() - r).abs() - (2.0 ** -10 * r.abs() + 1e-5 * r.abs().max())).max()
+        assert excess <= 0, f"64-bit {name}: error exceeds one fp16 ulp by {float(excess)}"
