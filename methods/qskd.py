@@ -476,6 +476,7 @@ class QSKD(nn.Module):
             out["mask"] = self.foreground_mask(t_enc, t_dec, t_groups, agfd_layers)
         if cfg.lapd:
             L_s = s_dec.logits.shape[0]
+            # the student's own Hungarian matching, computed once more: SetCriterion keeps its own
             s_match = self.criterion.matcher.match_layers(
                 [{"pred_logits": s_dec.logits[l], "pred_boxes": s_dec.boxes[l]} for l in range(L_s)],
                 targets)
