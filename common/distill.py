@@ -44,11 +44,18 @@ def build_parser(description, default_preset="cpu-student"):
     g.add_argument("--baseline", action="store_true",
                    help="also train (or reuse the cached) baseline student: the same student, "
                         "seed and schedule without distillation, shown beside the result")
-    parser.set_defaults(preset=default_preset)
+    parser.set_defaults(default_preset=default_preset)
     return parser
 
 
 def resolve(args):
+    """cli.resolve, with the method's default student preset unless model flags are given or
+    the run only evaluates a checkpoint (then the checkpoint says what the student is)."""
+    explicit = args.variant or args.preset or any(
+        getattr(args, n) is not None for n in list(cli.MODEL_FLAGS) + ["with_box_refine",
+                                                                       "two_stage"])
+    if not explicit and not args.eval:
+        args.preset = args.default_preset
     args, _ = cli.resolve(args)
     return args
 

@@ -21,7 +21,6 @@ run ends (on CPU; CUDA atomics make the last digits noisy on GPU).
 """
 import datetime
 import json
-import math
 import os
 import random
 import sys

@@ -360,25 +360,6 @@ class TargetQueryBuilder(nn.Module):
 # The distiller
 # ------------------------------------------------------------------------------------------
 
-def detr_outputs(model, enc, dec):
-    """The DETR-style dict of ``DETRModel.forward`` from an encode / decode pair (the student
-    encodes once: its memory serves the detection loss, L_lcmd and the target-aware pass)."""
-    out = {"pred_logits": dec.logits[-1], "pred_boxes": dec.boxes[-1],
-           "aux_outputs": [{"pred_logits": a, "pred_boxes": b}
-                           for a, b in zip(dec.logits[:-1], dec.boxes[:-1])]}
-    p = enc.proposals
-    if p is not None and model.variant == "dino":
-        out["enc_outputs"] = {"pred_logits": p.topk_logits, "pred_boxes": p.topk_boxes}
-    elif p is not None:
-        out["enc_outputs"] = {"pred_logits": p.logits, "pred_boxes": p.boxes}
-    if dec.dn is not None:
-        out["dn_outputs"] = [{"pred_logits": a, "pred_boxes": b}
-                             for a, b in zip(dec.dn.logits, dec.dn.boxes)]
-        out["dn_meta"] = {"num_dn_queries": dec.dn_meta["num_dn_queries"],
-                          "positive": dec.dn_meta["positive"]}
-    return out
-
-
 def one_image(enc, b):
     """The Encoded of image b alone (what ``decode`` reads), batch of one."""
     sl = lambda x: x[b:b + 1]  # noqa: E731
@@ -517,7 +498,7 @@ class CLoCKDistiller(nn.Module):
         with torch.no_grad():
             enc_t = self.teacher.encode(images, masks)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            losses = self.criterion(engine.fp32(detr_outputs(self.student, enc_s, dec_s)),
+            losses = self.criterion(engine.fp32(self.student.outputs(enc_s, dec_s)),
                                     targets)
             if c.lcmd:
                 if enc_t.spatial_shapes_list != enc_s.spatial_shapes_list:

@@ -131,24 +131,6 @@ def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def detr_outputs(enc, dec, variant):
-    """The DETR-style dict the student's SetCriterion takes (what DETRModel.forward returns)."""
-    out = {"pred_logits": dec.logits[-1], "pred_boxes": dec.boxes[-1],
-           "aux_outputs": [{"pred_logits": a, "pred_boxes": b}
-                           for a, b in zip(dec.logits[:-1], dec.boxes[:-1])]}
-    p = enc.proposals
-    if p is not None:  # DINO: its selected top-k ("interm"); two-stage Deformable: every token
-        out["enc_outputs"] = ({"pred_logits": p.topk_logits, "pred_boxes": p.topk_boxes}
-                              if variant == "dino" else
-                              {"pred_logits": p.logits, "pred_boxes": p.boxes})
-    if dec.dn is not None:
-        out["dn_outputs"] = [{"pred_logits": a, "pred_boxes": b}
-                             for a, b in zip(dec.dn.logits, dec.dn.boxes)]
-        out["dn_meta"] = {"num_dn_queries": dec.dn_meta["num_dn_queries"],
-                          "positive": dec.dn_meta["positive"]}
-    return out
-
-
 # ------------------------------------------------------------------------------------------
 # C1: Hungarian-matching logits distillation (HMLD)
 # ------------------------------------------------------------------------------------------
@@ -423,7 +405,7 @@ class DETRDistill(nn.Module):
         sfx = [""] * L
         sfx[:-1] = [f"_{i}" for i in range(L - 1)]  # DETR's aux-loss suffixes: last layer none
         with torch.autocast(device_type=images.device.type, enabled=False):  # losses in fp32
-            outputs = engine.fp32(detr_outputs(s_enc, s_dec, self.student.variant))
+            outputs = engine.fp32(self.student.outputs(s_enc, s_dec))
             losses = self.criterion(outputs, targets)  # the student's own detection losses
             if cfg.use_hmld or cfg.use_query_contrastive:
                 pairs = self.hmld_match(s_dec, t_dec)

@@ -379,24 +379,6 @@ def one_image(enc, b):
 # The distiller
 # ------------------------------------------------------------------------------------------
 
-def detr_outputs(model, enc, dec):
-    """The DETR-style dict of ``model.forward`` from an encode/decode already run."""
-    out = {"pred_logits": dec.logits[-1], "pred_boxes": dec.boxes[-1],
-           "aux_outputs": [{"pred_logits": a, "pred_boxes": b}
-                           for a, b in zip(dec.logits[:-1], dec.boxes[:-1])]}
-    p = enc.proposals
-    if p is not None and model.variant == "dino":
-        out["enc_outputs"] = {"pred_logits": p.topk_logits, "pred_boxes": p.topk_boxes}
-    elif p is not None:
-        out["enc_outputs"] = {"pred_logits": p.logits, "pred_boxes": p.boxes}
-    if dec.dn is not None:
-        out["dn_outputs"] = [{"pred_logits": a, "pred_boxes": b}
-                             for a, b in zip(dec.dn.logits, dec.dn.boxes)]
-        out["dn_meta"] = {"num_dn_queries": dec.dn_meta["num_dn_queries"],
-                          "positive": dec.dn_meta["positive"]}
-    return out
-
-
 class GDetKD(nn.Module):
     """Student + frozen teacher + G-DetKD's student-side modules (sgfi, ckd_adapter,
     ckd_head, roi_queries); ``forward`` returns the student's DETR losses, "loss_sgfi" and
@@ -476,7 +458,7 @@ class GDetKD(nn.Module):
         enc_s = s.encode(images, masks)
         dec_s = s.decode(enc_s, targets=targets)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            losses = self.criterion(engine.fp32(detr_outputs(s, enc_s, dec_s)), targets)
+            losses = self.criterion(engine.fp32(s.outputs(enc_s, dec_s)), targets)
         if not (cfg.sgfi or cfg.ckd):
             return losses
         with torch.no_grad():

@@ -516,7 +516,7 @@ class QSKD(nn.Module):
                              f"{t_enc.spatial_shapes_list}, student {s_enc.spatial_shapes_list} "
                              f"(backbones of different strides?)")
         with torch.autocast(device_type=images.device.type, enabled=False):  # losses in fp32
-            losses = self.criterion(engine.fp32(self.detr_outputs(s_enc, s_dec)), targets)
+            losses = self.criterion(engine.fp32(self.student.outputs(s_enc, s_dec)), targets)
             sel = self.select(t_enc, t_dec, s_dec, targets)
             if self.cfg.agfd:
                 f_s = self.features(s_enc).float()
@@ -532,24 +532,6 @@ class QSKD(nn.Module):
                 n_gt = max(sum(int(t["labels"].shape[0]) for t in targets), 1)
                 losses["qskd_pairs_per_gt"] = torch.tensor(sel["pairs"][-1][0].numel() / n_gt)
         return losses
-
-    def detr_outputs(self, enc, dec):
-        """The DETR-style dict SetCriterion reads, built as DETRModel.forward builds it, from the
-        student's Encoded / Decoded (so the criterion and the KD terms share one forward)."""
-        out = {"pred_logits": dec.logits[-1], "pred_boxes": dec.boxes[-1],
-               "aux_outputs": [{"pred_logits": a, "pred_boxes": b}
-                               for a, b in zip(dec.logits[:-1], dec.boxes[:-1])]}
-        p = enc.proposals
-        if p is not None and self.student.variant == "dino":   # its selected top-k ("interm")
-            out["enc_outputs"] = {"pred_logits": p.topk_logits, "pred_boxes": p.topk_boxes}
-        elif p is not None:                                     # two-stage Deformable: all tokens
-            out["enc_outputs"] = {"pred_logits": p.logits, "pred_boxes": p.boxes}
-        if dec.dn is not None:
-            out["dn_outputs"] = [{"pred_logits": a, "pred_boxes": b}
-                                 for a, b in zip(dec.dn.logits, dec.dn.boxes)]
-            out["dn_meta"] = {"num_dn_queries": dec.dn_meta["num_dn_queries"],
-                              "positive": dec.dn_meta["positive"]}
-        return out
 
 
 # ------------------------------------------------------------------------------------------

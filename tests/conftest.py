@@ -39,6 +39,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Every test starts from seed 0 on one CPU thread (tests that exercise threading set their
+    own count): small tensors run several times slower with two threads on a busy 2-core CI
+    machine, and one thread keeps the CPU kernels' results independent of the machine."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
