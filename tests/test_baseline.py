@@ -32,7 +32,8 @@ def _capture_detections(monkeypatch):
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baseline")
     common = ["--preset", "cpu-tiny", "--synth-num-train", "8", "--synth-num-val", "4",
-              "--data-cache", str(tmp / "cache"), "--num-workers", "0", "--max-iters", "2"]
+              "--data-cache", str(tmp / "cache"), "--num-workers", "0", "--max-iters", "2",
+              "--threads", "1"]  # one thread count for both runs: bitwise-equal results
     out = tmp / "run"
     with pytest.MonkeyPatch.context() as mp:
         detections = _capture_detections(mp)
