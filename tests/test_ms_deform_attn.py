@@ -480,12 +480,14 @@ def test_cuda_bad_device_level_table_skips_the_level():
 def test_cuda_64bit_indexing():
     """value with 2^30 elements takes the 64-bit-index kernels (generic scalar lanes, several
     passes over Dh = 256 in the forward, a loop over the channels in the backward). Reference:
-    grid_sample in float32 on the GPU (the inputs are fp16, so float32 is exact enough to judge
-    fp16 results to an ulp; float64 on the CPU would need 8 GB per copy of value)."""
+    grid_sample in float32 on the GPU (the inputs are bf16, so float32 is exact enough to judge
+    bf16 results to within their rounding; float64 on the CPU would need 8 GB per copy of value).
+    bf16, not fp16: on a 1024 x 1024 level the location gradients carry a factor W = H = 1024
+    and exceed fp16's range (65504), so fp16 would legitimately give inf there."""
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
         pytest.skip("needs a GPU with 40 GiB")
     g = torch.Generator(device="cuda").manual_seed(0)
-    B, Q, H, P, Dh, dtype = 1, 512, 4, 4, 256, torch.float16
+    B, Q, H, P, Dh, dtype = 1, 512, 4, 4, 256, torch.bfloat16
     ss, lsi = level_table([(1024, 1024)], device="cuda")
     value = torch.randn(B, 2 ** 20, H, Dh, device="cuda", dtype=dtype, generator=g)
     assert value.numel() == 2 ** 30
@@ -499,5 +501,32 @@ def test_cuda_64bit_indexing():
     ref = (out.detach(), v.grad, l.grad, a.grad)
     del v, l, a, out
     for name, x, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
-        excess = ((x.float() - r).abs() - (2.0 ** -10 * r.abs() + 1e-5 * r.abs().max())).max()
-        assert excess <= 0, f"64-bit {name}: error exceeds one fp16 ulp by {float(excess)}"
+        # rounding to bf16 (8 significant bits) errs by at most 2^-8 of the value
+        excess = ((x.float() - r).abs() - (2.0 ** -8 * r.abs() + 1e-5 * r.abs().max())).max()
+        assert excess <= 0, f"64-bit {name}: error exceeds bf16 rounding by {float(excess)}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,ulp", [(torch.float32, None), (torch.float16, 2.0 ** -10),
+                                       (torch.bfloat16, 2.0 ** -7)])
+@pytest.mark.parametrize("Dh", [4, 12, 32])
+def test_cuda_backward_shared_memory_levels(dtype, ulp, Dh):
+    """Many queries with Dh <= 32 take the backward that sums small levels in shared memory,
+    per block of 128 queries (256 for Dh = 4) of one (b, head), before adding them to
+    grad_value. It runs when there are at least 4 such tiles per multiprocessor: here
+    B * H * ceil(Q / 256) = 752, enough for GPUs of up to 188 SMs. Levels are kept from the last
+    one down while their cells x Dh floats fit the 40 KiB accumulator: with Dh = 32 and 12,
+    (2, 3), (9, 7) and (13, 19) are kept and (30, 40) is not (mixed levels); with Dh = 4 all
+    are. Dh = 12 leaves lanes of a group without channels. Results must match the float64
+    reference as for the per-query kernel; with the half types, grad_value's float sums of
+    hundreds of terms per cell add an absolute error of about 1e-5 of the largest value."""
+    shapes = [(13, 19), (9, 7), (30, 40), (2, 3)]
+    got, ref = _cuda_case(2, shapes, Q=24000, H=4, Dh=Dh, P=2, dtype=dtype)
+    for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        if ulp is None:
+            assert_close(g, r, rtol=1e-5, atol=2e-5, what=f"cuda shared-memory {name}")
+            continue
+        g = g.double().cpu()
+        bound = ulp * r.abs() + 1e-5 * r.abs().max()
+        excess = ((g - r).abs() - bound).max()
+        assert excess <= 0, f"{dtype} Dh={Dh} {name}: error exceeds one ulp by {float(excess)}"
