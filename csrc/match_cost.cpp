@@ -4,12 +4,13 @@
 // (B x Q x T_max with per-image target counts), never the (B*Q x sum T) matrix of the reference
 // DETR matcher. The per-pair math lives in box_math.h and is shared with match_cost_cuda.cu.
 //
-// CPU kernel layout: the targets of the batch are first copied into structure-of-arrays form
-// (cx, cy, w, h, x1, y1, x2, y2, area, label; each (B, T) padded to whole vectors), then
-// at::parallel_for runs over the B*Q query rows; per row the prediction's box is converted once,
-// the softmax logsumexp (if any) is taken once, and the loop over the row's targets is a plain,
-// branch-free loop over contiguous arrays that the compiler vectorizes (`omp simd`), box_math.h's
-// float exp/log included.
+// CPU kernel layout: at::parallel_for runs over blocks of kRows queries of one image. Per block,
+// three branch-free loops over contiguous arrays that the compiler vectorizes (`omp simd`),
+// box_math.h's float exp/log included: gather the logits of the targets' classes, the focal class
+// cost flat over the whole (kRows x targets) block (most of the arithmetic, so it runs whole
+// vectors whatever the target count), then the L1 and GIoU terms per query row against the
+// image's targets held as structure of arrays. Each prediction box is converted once, each
+// softmax logsumexp taken once.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -95,82 +96,118 @@ void check_match_cost_values_cpu(const at::Tensor& tgt_labels, const at::Tensor&
   }
 }
 
-// The targets of the batch as structure of arrays, each (B, T_pad): contiguous per image, and
-// padded from T to T_pad (a multiple of kLanes) with a harmless box and label 0, so that the row
-// loop below always runs whole vectors.
-template <typename scalar_t>
-struct TargetArrays {
-  int64_t stride;  // T_pad
-  std::vector<scalar_t> data;
-  std::vector<int32_t> label;
-  const scalar_t *cx, *cy, *w, *h, *x1, *y1, *x2, *y2, *area;
-};
-
-// 8 floats = one AVX2 vector. (With AVX-512 the compiler runs 16 at a time plus one 8-wide step.)
+// The kernel pads each image's target count n to n_pad, a multiple of kLanes (8 floats = one
+// AVX2 vector; with AVX-512 the compiler runs 16 at a time plus one 8-wide step), so that the
+// loops over targets always run whole vectors. Padded targets are the unit box with label 0;
+// their costs are computed and thrown away.
 constexpr int64_t kLanes = 8;
 
-// How many query rows ahead the focal path prefetches its logits.
-constexpr int64_t kPrefetchRows = 4;
+// Queries per block: a block's logit rows (kRows x C floats), its (kRows x n_pad) cost scratch
+// and the image's target arrays stay in the L1 cache while the block's three passes run.
+constexpr int64_t kRows = 32;
 
 int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 
+// One image's targets as structure of arrays (cx, cy, w, h, x1, y1, x2, y2, area, label), each
+// (T_pad,), so that a loop over targets reads each field contiguously.
 template <typename scalar_t>
-TargetArrays<scalar_t> make_target_arrays(const at::Tensor& tgt_labels, const at::Tensor& tgt_boxes,
-                                          const at::Tensor& num_targets) {
-  using namespace detrkd;
-  const int64_t B = tgt_labels.size(0), T = tgt_labels.size(1);
-  const int64_t* labels = tgt_labels.data_ptr<int64_t>();   // (B, T)
-  const scalar_t* boxes = tgt_boxes.data_ptr<scalar_t>();   // (B, T, 4) cxcywh
-  const int64_t* n_tgt = num_targets.data_ptr<int64_t>();   // (B,)
-  TargetArrays<scalar_t> tg;
-  tg.stride = round_up(T, kLanes);
-  const int64_t size = B * tg.stride;
-  tg.data.assign(9 * size, scalar_t(0));
-  tg.label.assign(size, 0);
-  scalar_t* d = tg.data.data();
-  scalar_t *cx = d, *cy = d + size, *w = d + 2 * size, *h = d + 3 * size, *x1 = d + 4 * size;
-  scalar_t *y1 = d + 5 * size, *x2 = d + 6 * size, *y2 = d + 7 * size, *area = d + 8 * size;
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t t = 0; t < tg.stride; ++t) {
-      const int64_t i = b * tg.stride + t;
-      if (t < n_tgt[b]) {  // a real target; its label was checked to lie in [0, C)
-        const scalar_t* box = boxes + 4 * (b * T + t);
-        cx[i] = box[0], cy[i] = box[1], w[i] = box[2], h[i] = box[3];
-        tg.label[i] = static_cast<int32_t>(labels[b * T + t]);
-      } else {  // padding: the unit box at (0.5, 0.5), label 0; its costs are thrown away
-        cx[i] = cy[i] = scalar_t(0.5), w[i] = h[i] = scalar_t(1);
-        tg.label[i] = 0;
+struct ImageTargets {
+  std::vector<scalar_t> data;  // 9 fields x T_pad
+  std::vector<int32_t> label;  // (T_pad,)
+  scalar_t *cx, *cy, *w, *h, *x1, *y1, *x2, *y2, *area;
+
+  explicit ImageTargets(int64_t T_pad) : data(9 * T_pad), label(T_pad) {
+    scalar_t* d = data.data();
+    cx = d, cy = d + T_pad, w = d + 2 * T_pad, h = d + 3 * T_pad, x1 = d + 4 * T_pad;
+    y1 = d + 5 * T_pad, x2 = d + 6 * T_pad, y2 = d + 7 * T_pad, area = d + 8 * T_pad;
+  }
+
+  // Fill from image b's first n targets (labels already checked to lie in [0, C)) and pad up to
+  // n_pad. boxes: (T, 4) cxcywh and labels: (T,) of this image.
+  void load(const scalar_t* boxes, const int64_t* labels, int64_t n, int64_t n_pad) {
+    using namespace detrkd;
+    for (int64_t t = 0; t < n_pad; ++t) {
+      if (t < n) {
+        cx[t] = boxes[4 * t], cy[t] = boxes[4 * t + 1], w[t] = boxes[4 * t + 2];
+        h[t] = boxes[4 * t + 3];
+        label[t] = static_cast<int32_t>(labels[t]);
+      } else {
+        cx[t] = cy[t] = scalar_t(0.5), w[t] = h[t] = scalar_t(1);
+        label[t] = 0;
       }
-      cxcywh_to_xyxy(cx[i], cy[i], w[i], h[i], x1[i], y1[i], x2[i], y2[i]);
-      area[i] = box_area(x1[i], y1[i], x2[i], y2[i]);
+      cxcywh_to_xyxy(cx[t], cy[t], w[t], h[t], x1[t], y1[t], x2[t], y2[t]);
+      area[t] = box_area(x1[t], y1[t], x2[t], y2[t]);
     }
   }
-  tg.cx = cx, tg.cy = cy, tg.w = w, tg.h = h, tg.x1 = x1, tg.y1 = y1, tg.x2 = x2, tg.y2 = y2;
-  tg.area = area;
-  return tg;
-}
+};
 
-// One query against the first n_pad targets of its image (n_pad a multiple of kLanes):
-// out[t] = w_class * class_cost(logit[label_t]) + w_bbox * L1 - w_giou * GIoU.
-// class_cost is a small lambda (focal or softmax); the loop body has no branch, so it vectorizes.
-template <typename scalar_t, typename ClassCost>
-inline void match_cost_row(const ClassCost& class_cost, const scalar_t* logit, const scalar_t* pbox,
-                           const TargetArrays<scalar_t>& tg, int64_t o, int64_t n_pad,
-                           scalar_t w_class, scalar_t w_bbox, scalar_t w_giou, scalar_t* out) {
+// One block of R <= kRows queries of one image against its n targets, in three passes over a
+// (R, n_pad) scratch S, each a plain loop the compiler vectorizes:
+//   1. gather:  S[r, t] = logit[r, label_t]                       (softmax: the class cost, -p)
+//   2. class:   S[r, t] = w_class * focal(S[r, t]), flat over all R * n_pad entries (focal only:
+//               its exp and two logs are most of the work, and a flat loop runs whole vectors
+//               whatever n is)
+//   3. boxes:   S[r, t] += w_bbox * L1 - w_giou * GIoU, per query row, pred box broadcast
+// then the row's first n entries are copied out and its padded targets set to 0.
+// logits: (R, C), boxes: (R, 4) cxcywh, out: (R, T).
+template <typename scalar_t>
+void match_cost_block(const scalar_t* logits, const scalar_t* boxes, int64_t R, int64_t C,
+                      int64_t T, const ImageTargets<scalar_t>& tg, int64_t n, int64_t class_mode,
+                      scalar_t w_class, scalar_t w_bbox, scalar_t w_giou, scalar_t alpha,
+                      scalar_t gamma, scalar_t* S, scalar_t* out) {
   using namespace detrkd;
-  const scalar_t pcx = pbox[0], pcy = pbox[1], pw = pbox[2], ph = pbox[3];
-  scalar_t px1, py1, px2, py2;
-  cxcywh_to_xyxy(pcx, pcy, pw, ph, px1, py1, px2, py2);
-  const scalar_t parea = box_area(px1, py1, px2, py2);
-  const int32_t* label = tg.label.data() + o;
-  const scalar_t *cx = tg.cx + o, *cy = tg.cy + o, *w = tg.w + o, *h = tg.h + o;
-  const scalar_t *x1 = tg.x1 + o, *y1 = tg.y1 + o, *x2 = tg.x2 + o, *y2 = tg.y2 + o;
-  const scalar_t* area = tg.area + o;
+  const int64_t n_pad = round_up(n, kLanes);
+  const int32_t* label = tg.label.data();
+
+  // 1. Gather each query's logits of the targets' classes. A plain scalar loop on purpose: forced
+  //    into vector gather instructions (`omp simd`) it ran the whole kernel ~1.5x slower here.
+  for (int64_t r = 0; r < R; ++r) {
+    const scalar_t* x = logits + r * C;  // (C,)
+    scalar_t* s = S + r * n_pad;         // (n_pad,)
+    for (int64_t t = 0; t < n_pad; ++t) s[t] = x[label[t]];
+    if (class_mode == kSoftmax) {
+      // -softmax(x)[label_t] = -exp(x[label_t] - logsumexp(x)), the logsumexp once per query.
+      scalar_t mx = x[0];
+#pragma omp simd reduction(max : mx)
+      for (int64_t c = 0; c < C; ++c) mx = x[c] > mx ? x[c] : mx;
+      scalar_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < C; ++c) sum += dk_exp(x[c] - mx);
+      const scalar_t lse = mx + dk_log(sum);
 #pragma omp simd
-  for (int64_t t = 0; t < n_pad; ++t) {
-    const scalar_t cls = class_cost(logit[label[t]]);
-    out[t] = pair_match_cost(cls, pcx, pcy, pw, ph, px1, py1, px2, py2, parea, cx[t], cy[t], w[t],
-                             h[t], x1[t], y1[t], x2[t], y2[t], area[t], w_class, w_bbox, w_giou);
+      for (int64_t t = 0; t < n_pad; ++t) s[t] = w_class * softmax_class_cost(s[t], lse);
+    }
+  }
+
+  // 2. Focal class cost, flat over the block.
+  if (class_mode == kFocal) {
+    const int64_t count = R * n_pad;
+    if (gamma == scalar_t(2)) {
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) S[i] = w_class * focal_class_cost<true>(S[i], alpha, gamma);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) S[i] = w_class * focal_class_cost<false>(S[i], alpha, gamma);
+    }
+  }
+
+  // 3. Box costs, one query row at a time.
+  for (int64_t r = 0; r < R; ++r) {
+    const scalar_t pcx = boxes[4 * r], pcy = boxes[4 * r + 1];
+    const scalar_t pw = boxes[4 * r + 2], ph = boxes[4 * r + 3];
+    scalar_t px1, py1, px2, py2;
+    cxcywh_to_xyxy(pcx, pcy, pw, ph, px1, py1, px2, py2);
+    const scalar_t parea = box_area(px1, py1, px2, py2);
+    scalar_t* s = S + r * n_pad;  // (n_pad,): the weighted class cost so far
+#pragma omp simd
+    for (int64_t t = 0; t < n_pad; ++t) {
+      s[t] = pair_match_cost(s[t], pcx, pcy, pw, ph, px1, py1, px2, py2, parea, tg.cx[t],
+                             tg.cy[t], tg.w[t], tg.h[t], tg.x1[t], tg.y1[t], tg.x2[t], tg.y2[t],
+                             tg.area[t], scalar_t(1), w_bbox, w_giou);
+    }
+    scalar_t* o = out + r * T;  // (T,)
+    std::copy(s, s + n, o);
+    std::fill(o + n, o + T, scalar_t(0));  // padded targets
   }
 }
 
@@ -180,80 +217,38 @@ void match_cost_cpu_kernel(const at::Tensor& pred_logits, const at::Tensor& pred
                            const at::Tensor& num_targets, int64_t class_mode, scalar_t w_class,
                            scalar_t w_bbox, scalar_t w_giou, scalar_t alpha, scalar_t gamma,
                            at::Tensor& cost) {
-  using namespace detrkd;
   const int64_t B = pred_logits.size(0), Q = pred_logits.size(1), C = pred_logits.size(2);
   const int64_t T = tgt_labels.size(1);
   const scalar_t* logits = pred_logits.data_ptr<scalar_t>();  // (B, Q, C)
   const scalar_t* boxes = pred_boxes.data_ptr<scalar_t>();    // (B, Q, 4) cxcywh
+  const int64_t* labels = tgt_labels.data_ptr<int64_t>();     // (B, T)
+  const scalar_t* tboxes = tgt_boxes.data_ptr<scalar_t>();    // (B, T, 4) cxcywh
   const int64_t* n_tgt = num_targets.data_ptr<int64_t>();     // (B,)
   scalar_t* out = cost.data_ptr<scalar_t>();                  // (B, Q, T)
-  const TargetArrays<scalar_t> tg = make_target_arrays<scalar_t>(tgt_labels, tgt_boxes,
-                                                                 num_targets);
-  const bool square_gamma = gamma == scalar_t(2);
+  const int64_t T_pad = round_up(T, kLanes);
 
-  // Softmax: each row's logsumexp runs over a copy of the row padded to whole vectors (pads
-  // repeat logit 0, so the max is unchanged, and are masked out of the sum).
-  const int64_t C_pad = round_up(std::max<int64_t>(C, 1), kLanes);
-  std::vector<scalar_t> class_mask(C_pad, scalar_t(0));
-  std::fill(class_mask.begin(), class_mask.begin() + C, scalar_t(1));
-  const scalar_t* mask = class_mask.data();
-
-  // Rows of roughly equal work: T pairs plus, for softmax, C exps.
-  const int64_t row_work = T + (class_mode == kSoftmax ? C : 0) + 1;
-  const int64_t grain = std::max<int64_t>(1, 32768 / row_work);
-  at::parallel_for(0, B * Q, grain, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> scratch(tg.stride);  // one padded row of costs, (T_pad,)
-    std::vector<scalar_t> padded_logit(class_mode == kSoftmax ? C_pad : 0);  // (C_pad,)
-    int64_t b = begin / Q, q = begin % Q;
-    for (int64_t row = begin; row < end; ++row, ++q) {  // row = b * Q + q
-      if (q == Q) q = 0, ++b;
-      const int64_t n = n_tgt[b];
-      const int64_t n_pad = round_up(n, kLanes);
-      const scalar_t* logit = logits + row * C;  // (C,)
-      const scalar_t* pbox = boxes + 4 * row;    // (4,)
-      const int64_t o = b * tg.stride;           // this image's targets in tg
-      scalar_t* out_row = out + row * T;         // (T,)
+  // Work units: blocks of kRows queries of one image, unit u = b * blocks + block.
+  const int64_t blocks = (Q + kRows - 1) / kRows;
+  const int64_t unit_work = kRows * (T + (class_mode == kSoftmax ? C : 0) + 1);
+  const int64_t grain = std::max<int64_t>(1, 32768 / unit_work);
+  at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
+    ImageTargets<scalar_t> tg(T_pad);
+    std::vector<scalar_t> S(kRows * T_pad);  // (kRows, n_pad) scratch
+    int64_t loaded = -1;                     // the image whose targets tg holds
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t b = u / blocks, q0 = (u % blocks) * kRows;
+      const int64_t R = std::min(kRows, Q - q0), n = n_tgt[b];
+      scalar_t* o = out + (b * Q + q0) * T;  // (R, T)
       if (n == 0) {
-        std::fill(out_row, out_row + T, scalar_t(0));
+        std::fill(o, o + R * T, scalar_t(0));
         continue;
       }
-      if (class_mode == kFocal) {
-        // The focal cost reads only a few scattered logits of each row, which the hardware
-        // prefetcher does not foresee; asking for the row a few rows ahead hides the memory
-        // latency (at 16 x 900 x 91 the logits do not fit in L2).
-        if (row + kPrefetchRows < end) {
-          const char* ahead = reinterpret_cast<const char*>(logits + (row + kPrefetchRows) * C);
-          for (int64_t byte = 0; byte < C * int64_t(sizeof(scalar_t)); byte += 64) {
-            __builtin_prefetch(ahead + byte);
-          }
-        }
-        if (square_gamma) {
-          auto focal = [=](scalar_t x) { return focal_class_cost<true>(x, alpha, gamma); };
-          match_cost_row(focal, logit, pbox, tg, o, n_pad, w_class, w_bbox, w_giou,
-                         scratch.data());
-        } else {
-          auto focal = [=](scalar_t x) { return focal_class_cost<false>(x, alpha, gamma); };
-          match_cost_row(focal, logit, pbox, tg, o, n_pad, w_class, w_bbox, w_giou,
-                         scratch.data());
-        }
-      } else {
-        // logsumexp over the C classes, once per query: max, then sum of exp(x - max).
-        scalar_t* x = padded_logit.data();
-        std::copy(logit, logit + C, x);
-        std::fill(x + C, x + C_pad, logit[0]);
-        scalar_t mx = x[0];
-#pragma omp simd reduction(max : mx)
-        for (int64_t c = 0; c < C_pad; ++c) mx = x[c] > mx ? x[c] : mx;
-        scalar_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < C_pad; ++c) sum += mask[c] * dk_exp(x[c] - mx);
-        const scalar_t lse = mx + dk_log(sum);
-        auto softmax = [=](scalar_t x) { return softmax_class_cost(x, lse); };
-        match_cost_row(softmax, logit, pbox, tg, o, n_pad, w_class, w_bbox, w_giou,
-                       scratch.data());
+      if (b != loaded) {
+        tg.load(tboxes + b * T * 4, labels + b * T, n, round_up(n, kLanes));
+        loaded = b;
       }
-      std::copy(scratch.data(), scratch.data() + n, out_row);
-      std::fill(out_row + n, out_row + T, scalar_t(0));  // padded targets
+      match_cost_block(logits + (b * Q + q0) * C, boxes + (b * Q + q0) * 4, R, C, T, tg, n,
+                       class_mode, w_class, w_bbox, w_giou, alpha, gamma, S.data(), o);
     }
   });
 }
