@@ -232,6 +232,31 @@ __device__ __forceinline__ void atomic_add_chunk(T* p, const T (&d)[N]) {
   }
 }
 
+// s[e] += d[e] for e < N in shared memory, atomically per element. NVIDIA GPUs have no native
+// float add on shared memory: atomicAdd there compiles to a compare-and-swap loop per element,
+// each waiting for the previous one. Here the N first attempts (read, add, compare-and-swap) are
+// issued together, so their latencies overlap, and only an element that another thread changed
+// in between (another query of the block on the same cell, at the same moment) goes round
+// again. The comparison is on bit patterns, so a NaN sum cannot make it loop forever.
+template <int N>
+__device__ __forceinline__ void shared_add_chunk(float* s, const float (&d)[N]) {
+  unsigned int* u = reinterpret_cast<unsigned int*>(s);
+  unsigned int seen[N], found[N];
+#pragma unroll
+  for (int e = 0; e < N; ++e) seen[e] = *reinterpret_cast<volatile unsigned int*>(u + e);
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    found[e] = atomicCAS(u + e, seen[e], __float_as_uint(__uint_as_float(seen[e]) + d[e]));
+  }
+#pragma unroll
+  for (int e = 0; e < N; ++e) {
+    while (found[e] != seen[e]) {
+      seen[e] = found[e];
+      found[e] = atomicCAS(u + e, seen[e], __float_as_uint(__uint_as_float(seen[e]) + d[e]));
+    }
+  }
+}
+
 // One chunk of VEC channels starting at `ch` for one sample point: dot[c] += <g, V[corner c]>
 // over the chunk, and add(c, ch, d) with d = wa[c] * g for every corner c inside the map
 // (wa = attention x bilinear weight): `add` sums d into grad_value's chunk of that corner, by
@@ -363,12 +388,12 @@ __global__ void __launch_bounds__(kBlock)
 //
 // grad_value's atomics are this op's bottleneck: 4 corners x Dh channels per sample point, one
 // memory request per corner and group even as 16-byte vector reductions. A coarse level has few
-// cells (13 x 19 for Deformable DETR's 1/64 level) and every query samples it, so in a block that
-// handles many queries of one (b, head) most of its corners hit cells that other queries of the
-// block hit too. Such a level gets an accumulator of H_l * W_l x Dh floats in shared memory: the
-// block adds its points there (shared-memory atomics, block-local), then adds each touched cell
-// chunk to grad_value once. Levels whose accumulators do not fit (the fine levels) go straight to
-// grad_value as in backward_kernel.
+// cells (13 x 19 for Deformable DETR's 1/64 level) and every query samples it, so in a block
+// that handles many queries of one (b, head) most of its corners hit cells that other queries
+// of the block hit too. Such a level gets an accumulator of H_l * W_l x Dh floats in shared
+// memory: the block adds its points there (block-local atomics, shared_add_chunk), then adds
+// each touched cell chunk to grad_value once. Levels whose accumulators do not fit (the fine
+// levels) go straight to grad_value as in backward_kernel.
 //
 // Mapping: block `tile` handles kTileQ consecutive queries of one (b, head), tile =
 // (b * n_qtiles + t) * H + h (one block per tile, no grid-stride loop); group i of the block
@@ -473,10 +498,7 @@ __global__ void __launch_bounds__(kBlock, kSmemBlocksPerSM)
               backward_chunk<scalar_t, acc_t, index_t, VEC>(
                   value, k.row, off, wa, g, ch, dot,
                   [&](int c, index_t chunk, const acc_t (&d)[VEC]) {
-#pragma unroll
-                    for (int e = 0; e < VEC; ++e) {
-                      atomicAdd(s_level + k.row[c] * n.Dh + chunk + e, d[e]);
-                    }
+                    shared_add_chunk<VEC>(s_level + k.row[c] * n.Dh + chunk, d);
                   });
             } else {
               backward_chunk<scalar_t, acc_t, index_t, VEC>(
