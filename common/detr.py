@@ -36,7 +36,7 @@ from common.transformer import (MLP, ConditionalDecoder, DecoderLayer, Deformabl
 
 __all__ = ["DETRConfig", "ConditionalDETRConfig", "DABDETRConfig", "DeformableDETRConfig",
            "DINOConfig", "CONFIGS", "Encoded", "Proposals", "Queries", "Decoded", "DETRModel",
-           "build_model", "parameter_groups"]
+           "build_model"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -646,22 +646,3 @@ def build_model(variant: str, num_classes: int, **overrides) -> DETRModel:
     if unknown:
         raise ValueError(f"unknown config fields for {variant}: {unknown}; valid: {sorted(names)}")
     return DETRModel(variant, num_classes, replace(cls(), **overrides))
-
-
-def parameter_groups(model: DETRModel):
-    """AdamW parameter groups (spec trap 12): backbone at lr_backbone; ``sampling_offsets`` and
-    ``reference_points`` at lr * lr_linear_proj_mult; the rest at lr. Frozen ones are left out."""
-    cfg = model.cfg
-    groups = {"backbone": [], "linear_proj": [], "rest": []}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if n.startswith("backbone.0"):
-            groups["backbone"].append(p)
-        elif "sampling_offsets" in n or "reference_points" in n:
-            groups["linear_proj"].append(p)
-        else:
-            groups["rest"].append(p)
-    return [{"params": groups["rest"], "lr": cfg.lr},
-            {"params": groups["backbone"], "lr": cfg.lr_backbone},
-            {"params": groups["linear_proj"], "lr": cfg.lr * cfg.lr_linear_proj_mult}]

@@ -11,7 +11,8 @@ import torch
 
 from common import ops
 from common.backbone import Backbone, PositionEmbeddingSine, sine_embed
-from common.detr import Decoded, Encoded, Queries, build_model, parameter_groups
+from common.detr import Decoded, Encoded, Queries, build_model
+from common.engine import param_groups
 from common.transformer import (ConditionalAttention, DecoderLayer, DeformableDecoderLayer,
                                 DeformableTransformerEncoder, MSDeformAttn, box_from,
                                 encoder_proposals, inverse_sigmoid)
@@ -561,8 +562,10 @@ def test_backbone_r50_dc5_and_weight_files(tmp_path, monkeypatch):
 
 
 def test_parameter_groups_lr():
+    """Spec trap 12, through the optimiser groups the training engine builds."""
     model = small_model("deformable_detr")
-    groups = parameter_groups(model)
+    groups = param_groups(model, model.cfg.lr, model.cfg.lr_backbone,
+                          model.cfg.lr_linear_proj_mult)
     by_id = {id(p): g["lr"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     cfg = model.cfg
