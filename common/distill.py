@@ -14,6 +14,7 @@ plus each KD term under its own key). Its ``main()`` is
 checkpoint keeps the student (and the method's student-side modules), never the teacher; its
 "model" entry loads into ``methods/baseline.py --eval``.
 """
+import argparse
 import hashlib
 import json
 import os
@@ -21,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+
+from dataclasses import fields
 
 from torch import nn
 
@@ -58,6 +61,32 @@ def resolve(args):
         args.preset = args.default_preset
     args, _ = cli.resolve(args)
     return args
+
+
+def add_config_args(parser, config_cls, title, help=None, choices=None, flags=None):
+    """One flag per field of a method's config dataclass, defaulting to the dataclass's value:
+    booleans as ``--name`` / ``--no-name``, the rest typed by the field (an Optional[int] field
+    parses ints). ``help`` maps field names to help texts (else the field's metadata "help"),
+    ``choices`` to allowed values, ``flags`` to a flag name other than the field's."""
+    g = parser.add_argument_group(title)
+    default = config_cls()
+    for f in fields(config_cls):
+        flag = "--" + (flags or {}).get(f.name, f.name.replace("_", "-"))
+        value = getattr(default, f.name)
+        text = (help or {}).get(f.name) or f.metadata.get("help", " ")
+        if isinstance(value, bool):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=value, help=text)
+        else:
+            typ = f.type if f.type in (int, float, str) else (
+                type(value) if value is not None else int)
+            g.add_argument(flag, dest=f.name, type=typ, default=value,
+                           choices=(choices or {}).get(f.name), help=text)
+    return g
+
+
+def config_from_args(config_cls, args):
+    return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
 
 
 def freeze(model: nn.Module) -> nn.Module:

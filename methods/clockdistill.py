@@ -51,11 +51,10 @@ Pairs: same family, one of dab_detr, deformable_detr, dino ([abs]) and condition
     python methods/clockdistill.py --data coco --coco-path /data/coco --teacher t.pth \\
         --variant deformable_detr --with-box-refine --two-stage
 """
-import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -643,16 +642,8 @@ HELP = {
 
 
 def add_args(parser):
-    g = parser.add_argument_group("CLoCKDistill (defaults: the spec's)")
-    for f in fields(CLoCKConfig):
-        flags = ["--" + f.name.replace("_", "-")]
-        if f.type is bool:
-            g.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=HELP[f.name])
-        else:
-            typ = {float: float, str: str, int: int}.get(f.type, int)  # Optional[int] -> int
-            g.add_argument(*flags, dest=f.name, type=typ, default=f.default,
-                           choices=CHOICES.get(f.name), help=HELP[f.name])
+    g = distill.add_config_args(parser, CLoCKConfig, "CLoCKDistill (defaults: the spec's)",
+                                HELP, CHOICES)
     g.add_argument("--visualize", default=None, metavar="DIR",
                    help="write PNGs of masks, memory errors and target-aware boxes here")
     g.add_argument("--visualize-images", dest="visualize_images", type=int, default=4)
@@ -663,7 +654,7 @@ def main(argv=None):
     parser = distill.build_parser(__doc__.splitlines()[0])
     add_args(parser)
     args = distill.resolve(parser.parse_args(argv))
-    cfg = CLoCKConfig(**{f.name: getattr(args, f.name) for f in fields(CLoCKConfig)})
+    cfg = distill.config_from_args(CLoCKConfig, args)
     if args.visualize and not (args.output_dir or args.eval):
         raise ValueError("--visualize reads the trained student back: give --output-dir, or "
                          "--eval --resume CHECKPOINT")

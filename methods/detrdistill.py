@@ -52,10 +52,9 @@ Pairs: teacher and student of one family (backbone, width, depth, query count ma
 deformable_detr (the official setting; with box refinement and two-stage), conditional_detr,
 dab_detr, dino. Plain DETR is refused (softmax classes: HMLD distils sigmoid probabilities).
 """
-import argparse
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -569,26 +568,16 @@ HELP = {"w_hmld": "multiplier of the HMLD terms", "w_tafd": "multiplier of the T
 
 
 def add_method_args(parser):
-    d = DETRDistillConfig()
-    g = parser.add_argument_group("DETRDistill")
-    bool_flags = {"use_hmld": ("hmld", "C1 Hungarian-matching logits distillation"),
-                  "use_tafd": ("tafd", "C2 target-aware feature distillation"),
-                  "use_qpad": ("qpad", "C3 query-prior assignment distillation"),
-                  "use_query_contrastive": ("query-contrastive", "C4 InfoNCE on matched decoder "
-                                            "states (released code only)"),
-                  "clamp_teacher_boxes": ("clamp-teacher-boxes", "clip HMLD pseudo boxes to the image")}
-    for name, (flag, help_) in bool_flags.items():
-        g.add_argument(f"--{flag}", dest=name, action=argparse.BooleanOptionalAction,
-                       default=getattr(d, name), help=help_)
-    for f in fields(DETRDistillConfig):
-        if f.name in bool_flags:
-            continue
-        kw = dict(type=type(getattr(d, f.name)), default=getattr(d, f.name), help=HELP.get(f.name, " "))
-        if f.name == "feature_source":
-            kw["choices"] = ["neck", "encoder_memory"]
-        if f.name == "layer_map":
-            kw["choices"] = ["ceil", "last"]
-        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, **kw)
+    help_ = {**HELP, "use_hmld": "C1 Hungarian-matching logits distillation",
+             "use_tafd": "C2 target-aware feature distillation",
+             "use_qpad": "C3 query-prior assignment distillation",
+             "use_query_contrastive": "C4 InfoNCE on matched decoder states (released code "
+                                      "only)",
+             "clamp_teacher_boxes": "clip HMLD pseudo boxes to the image"}
+    flags = {"use_hmld": "hmld", "use_tafd": "tafd", "use_qpad": "qpad",
+             "use_query_contrastive": "query-contrastive"}
+    choices = {"feature_source": ["neck", "encoder_memory"], "layer_map": ["ceil", "last"]}
+    g = distill.add_config_args(parser, DETRDistillConfig, "DETRDistill", help_, choices, flags)
     g.add_argument("--visualize", default=None, metavar="DIR",
                    help="write PNGs of the TAFD masks, HMLD pairs and QPAD group for a few "
                         "validation images (after training, or with --eval)")
@@ -599,7 +588,7 @@ def main(argv=None):
     parser = distill.build_parser(__doc__.splitlines()[0])
     add_method_args(parser)
     args = distill.resolve(parser.parse_args(argv))
-    cfg = DETRDistillConfig(**{f.name: getattr(args, f.name) for f in fields(DETRDistillConfig)})
+    cfg = distill.config_from_args(DETRDistillConfig, args)
     built = {}
 
     def build(student, num_classes, teacher):

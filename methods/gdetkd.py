@@ -46,11 +46,10 @@ regression KD, head transfer) and the torchvision CNN path, an optional extensio
 Pairs (spec "Pairs"): {Deformable DETR, DINO, Conditional DETR, DAB-DETR} -> the same set,
 including mixed ones (e.g. Deformable DETR or DINO -> Conditional DETR); plain DETR is refused.
 """
-import argparse
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -576,15 +575,7 @@ HELP = {
 
 
 def add_args(parser):
-    g = parser.add_argument_group("G-DetKD")
-    for f in fields(GDetKDConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=HELP[f.name])
-        else:
-            g.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
-                           choices=CHOICES.get(f.name), help=HELP[f.name])
+    g = distill.add_config_args(parser, GDetKDConfig, "G-DetKD", HELP, CHOICES)
     g.add_argument("--visualize", default=None, metavar="DIR",
                    help="write PNGs of the RoIs and SGFI level weights for a few val images")
     return parser
@@ -593,7 +584,7 @@ def add_args(parser):
 def main(argv=None):
     parser = add_args(distill.build_parser(__doc__.splitlines()[0]))
     args = distill.resolve(parser.parse_args(argv))
-    cfg = GDetKDConfig(**{f.name: getattr(args, f.name) for f in fields(GDetKDConfig)})
+    cfg = distill.config_from_args(GDetKDConfig, args)
     built = []
 
     def build(student, num_classes, teacher):

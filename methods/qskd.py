@@ -56,11 +56,10 @@ Supported pairs: teacher and student of the same family among Conditional DETR, 
 on the embedded data), differing in backbone, width, depth or query count. Plain DETR (softmax
 head, not in the paper) and mixed families are refused with a ValueError naming both variants.
 """
-import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -626,15 +625,8 @@ def visualize(distiller: QSKD, dataset, out_dir, num_images=4, min_side=256):
 
 def add_qskd_args(parser):
     """One flag per QSKDConfig field (--tau, --tau-mode, --no-agfd, ...), defaults from it."""
-    g = parser.add_argument_group("QSKD (all [recon] unless the docstring says otherwise)")
-    for f in fields(QSKDConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=f.default, help=f.metadata["help"])
-        else:
-            g.add_argument(flag, dest=f.name, type=f.type, default=f.default,
-                           help=f.metadata["help"])
+    g = distill.add_config_args(parser, QSKDConfig,
+                                "QSKD (all [recon] unless the docstring says otherwise)")
     g.add_argument("--visualize", default=None, metavar="DIR",
                    help="write PNGs of groups, LAPD pairs and AGFD masks for a few val images")
     g.add_argument("--visualize-images", dest="visualize_images", type=int, default=4)
@@ -645,7 +637,7 @@ def main(argv=None):
     parser = distill.build_parser(__doc__.splitlines()[0])
     add_qskd_args(parser)
     args = distill.resolve(parser.parse_args(argv))
-    cfg = QSKDConfig(**{f.name: getattr(args, f.name) for f in fields(QSKDConfig)})
+    cfg = distill.config_from_args(QSKDConfig, args)
     built = []
 
     def build(student, num_classes, teacher):

@@ -58,3 +58,28 @@ def test_baseline_cache_key_follows_the_student_and_schedule(tmp_path):
     assert a != distill.baseline_cache_path(_args(tmp_path, "--epochs", "2"))
     # the teacher does not change which baseline student is meant
     assert a == distill.baseline_cache_path(_args(tmp_path, "--teacher-preset", "cpu-teacher"))
+
+
+def test_config_flags_follow_the_dataclass():
+    import argparse
+    from dataclasses import dataclass, field
+    from typing import Optional
+
+    @dataclass(frozen=True)
+    class Cfg:
+        use_a: bool = True
+        weight: float = 1          # an int literal in a float field still parses floats
+        cap: Optional[int] = None
+        mode: str = "x"
+        note: int = field(default=3, metadata={"help": "from the metadata"})
+
+    parser = argparse.ArgumentParser()
+    distill.add_config_args(parser, Cfg, "t", help={"weight": "w"}, choices={"mode": ["x", "y"]},
+                            flags={"use_a": "a"})
+    assert distill.config_from_args(Cfg, parser.parse_args([])) == Cfg()
+    cfg = distill.config_from_args(Cfg, parser.parse_args(
+        ["--no-a", "--weight", "0.5", "--cap", "7", "--mode", "y", "--note", "4"]))
+    assert cfg == Cfg(use_a=False, weight=0.5, cap=7, mode="y", note=4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mode", "z"])
+    assert "from the metadata" in parser.format_help()
