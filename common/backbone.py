@@ -2,7 +2,7 @@
 
 * ``Backbone``: a torchvision ResNet-18/34/50/101 with frozen batch norm (``FrozenBatchNorm2d``),
   optional dilation of the last stage (the "DC5" models), or a tiny ResNet of BasicBlocks with a
-  chosen width for CPU experiments. It returns C5 only (DETR, Conditional DETR, DAB-DETR) or
+  chosen width and GroupNorm, trained whole from scratch, for CPU experiments. It returns C5 only (DETR, Conditional DETR, DAB-DETR) or
   C3, C4, C5 (Deformable DETR, DINO-4scale), each with the padding mask resized to it.
 * ``PositionEmbeddingSine``: the normalised 2-D sine encoding of the image grid (DETR,
   Carion et al. arXiv:2005.12872, sec. 3 and appendix; temperature and the -0.5 pixel-centre
@@ -39,15 +39,23 @@ _TORCHVISION_RESNETS = {
 }
 
 
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, channels), channels)
+
+
 def _tiny_resnet(width: int) -> nn.Module:
     """A ResNet-10-like network (one BasicBlock per stage) with channels w, 2w, 4w, 8w.
 
     Same attribute names as torchvision's ResNet (conv1, bn1, layer1..layer4), so the rest of
-    the code treats it exactly like resnet18 with a smaller width.
+    the code treats it exactly like resnet18 with a smaller width. It is meant to be trained from
+    scratch (there are no ImageNet weights for it), so it normalises with GroupNorm, which trains
+    from scratch at any batch size and gives the same result whether a batch is split across
+    processes or not (He et al., "Rethinking ImageNet Pre-training", arXiv:1811.08883), and all of
+    it trains: frozen batch norm and a frozen stem are conventions for pretrained ResNets only.
     """
     net = nn.Module()
     net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-    net.bn1 = FrozenBatchNorm2d(width)
+    net.bn1 = _group_norm(width)
     net.relu = nn.ReLU(inplace=True)
     net.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
     in_ch = width
@@ -55,9 +63,9 @@ def _tiny_resnet(width: int) -> nn.Module:
         down = None
         if stride != 1 or in_ch != ch:
             down = nn.Sequential(nn.Conv2d(in_ch, ch, 1, stride=stride, bias=False),
-                                 FrozenBatchNorm2d(ch))
+                                 _group_norm(ch))
         setattr(net, f"layer{i + 1}", nn.Sequential(
-            BasicBlock(in_ch, ch, stride, down, norm_layer=FrozenBatchNorm2d)))
+            BasicBlock(in_ch, ch, stride, down, norm_layer=_group_norm)))
         in_ch = ch
     for m in net.modules():
         if isinstance(m, nn.Conv2d):
@@ -103,7 +111,8 @@ class Backbone(nn.Module):
         name: "resnet18" | "resnet34" | "resnet50" | "resnet101" | "tiny" (BasicBlocks with
               ``width`` base channels, for CPU runs).
         train_backbone: if False every parameter is frozen; if True the stem and layer1 stay
-              frozen and layer2-4 train, as in all official repositories.
+              frozen and layer2-4 train, as in all official repositories (ResNets; the tiny
+              backbone trains whole).
         return_interm_layers: C3, C4, C5 (strides 8/16/32) instead of C5 only.
         dilation: DC5, layer4 with dilation 2 instead of stride 2 (Bottleneck ResNets only).
     """
@@ -131,7 +140,10 @@ class Backbone(nn.Module):
                              f"'tiny', got {name!r}")
         _load_weights(body, name, pretrained, backbone_weights)
         for pname, p in body.named_parameters():
-            if not train_backbone or not pname.startswith(("layer2", "layer3", "layer4")):
+            # official recipe for pretrained ResNets: stem and layer1 frozen; the tiny backbone
+            # learns from scratch (or from a glyph-classifier checkpoint), so all of it trains
+            if not train_backbone or (name != "tiny"
+                                      and not pname.startswith(("layer2", "layer3", "layer4"))):
                 p.requires_grad_(False)
         if return_interm_layers:
             return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
