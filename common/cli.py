@@ -33,7 +33,9 @@ PRESETS = {
 MODEL_FLAGS = {
     "backbone": (str, "resnet18/34/50/101 or tiny (a small ResNet for CPU runs)"),
     "width": (int, "base width of the tiny backbone"),
-    "backbone_weights": (str, "a torchvision ResNet state dict file to start the backbone from"),
+    "backbone_weights": (str, "a state dict file to start the backbone from (a torchvision "
+                              "ResNet's), or 'crops': the tiny backbone pretrained on object "
+                              "crops of the training split (common/pretrain.py, cached)"),
     "hidden_dim": (int, "transformer width"),
     "nheads": (int, "attention heads"),
     "enc_layers": (int, "encoder layers"),

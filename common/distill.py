@@ -105,7 +105,10 @@ def load_detector(path, num_classes, device="cpu"):
         raise ValueError(f"{path} is not a checkpoint of this project's training scripts (it "
                          f"needs 'model' and 'args' with the variant)")
     a = ckpt["args"]
-    model = build_model(a["variant"], num_classes, **a.get("model_overrides", {}))
+    # the checkpoint holds every weight: the backbone's starting point is not needed again
+    overrides = {k: v for k, v in a.get("model_overrides", {}).items()
+                 if k not in ("backbone_weights", "pretrained")}
+    model = build_model(a["variant"], num_classes, **overrides)
     engine.check_state_fits(model, ckpt["model"], f"checkpoint {path}")
     model.load_state_dict(ckpt["model"])
     return model.to(device)

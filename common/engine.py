@@ -305,6 +305,7 @@ def train_one_epoch(module, loader, optimizer, device, epoch, *, clip_max_norm=0
     weight_dict = unwrap(module).weight_dict
     n = len(loader) if max_iters is None else min(len(loader), max_iters)
     log = SmoothedLog(n, f"Epoch [{epoch}]", print_every, verbose)
+    iter_times, t_last = [], time.perf_counter()
     for it, (images, masks, targets) in enumerate(loader):
         if it >= n:
             break
@@ -324,7 +325,24 @@ def train_one_epoch(module, loader, optimizer, device, epoch, *, clip_max_norm=0
         optimizer.step()
         log.update({"loss": loss.item(), **{k: v.item() for k, v in losses.items()},
                     "lr": optimizer.param_groups[0]["lr"]})
-    return reduce_mean(log.means())
+        now = time.perf_counter()
+        iter_times.append(now - t_last)  # data loading included
+        t_last = now
+    stats = reduce_mean(log.means())
+    # median seconds per iteration (the first is left out: warm-up) and the peak memory so far
+    stats["iter_time_s"] = float(np.median(iter_times[1:] or iter_times or [0.0]))
+    stats["peak_mem_mb"] = peak_memory_mb(device)
+    return stats
+
+
+def peak_memory_mb(device):
+    """Peak memory of this process: CUDA memory allocated by torch on a GPU, else the peak
+    resident set size of the process (Linux and macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
 
 
 @torch.no_grad()
@@ -405,6 +423,30 @@ def resume(module, optimizer, lr_scheduler, path):
     return int(ckpt["epoch"]) + 1
 
 
+def backbone_weights_ready(args, info):
+    """``args.model_overrides`` with ``backbone_weights="crops"`` (the CPU presets) replaced by
+    the path of the cached crop-pretrained tiny backbone (common/pretrain.py), which the main
+    process trains first when it is missing."""
+    overrides = dict(args.model_overrides)
+    if overrides.get("backbone_weights") != "crops":
+        return overrides
+    from common.detr import CONFIGS
+    from common.pretrain import ensure_crop_pretrained
+    cfg = CONFIGS[args.variant]()
+    if overrides.get("backbone", cfg.backbone) != "tiny":
+        raise ValueError("--backbone-weights crops pretrains the 'tiny' backbone only; give a "
+                         "weights file for a ResNet")
+    width = overrides.get("width", cfg.width)
+    if info.distributed and not info.is_main:
+        dist.barrier()                          # the main process pretrains (or finds) it first
+    try:
+        overrides["backbone_weights"] = ensure_crop_pretrained(args, width, verbose=info.is_main)
+    finally:
+        if info.distributed and info.is_main:
+            dist.barrier()
+    return overrides
+
+
 def run_training(args, build_module, teacher_path=None):
     """The job of methods/baseline.py and of every method script: data, (teacher,) student,
     the training module, COCO evaluation, then ``fit`` (or ``--eval`` only).
@@ -429,7 +471,8 @@ def run_training(args, build_module, teacher_path=None):
     if args.eval and not args.model_from_flags:
         student = load_detector(args.resume, num_classes, info.device)  # as the checkpoint says
     else:
-        student = build_model(args.variant, num_classes, **args.model_overrides).to(info.device)
+        student = build_model(args.variant, num_classes,
+                              **backbone_weights_ready(args, info)).to(info.device)
     teacher = None
     if teacher_path is not None:
         teacher = freeze(load_detector(teacher_path, num_classes, info.device))
