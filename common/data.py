@@ -268,7 +268,8 @@ class RandomSizeCrop(T.Transform):
         return self._call_kernel(TF.crop, inpt, **params)
 
 
-def make_transforms(image_set: str, size: int = 800, max_size: int = None, augment: bool = True):
+def make_transforms(image_set: str, size: int = 800, max_size: int = None, augment: bool = True,
+                    hflip: bool = True):
     """DETR's transforms, scaled to a validation size ``size`` (DETR: 800, max 1333).
 
     train: horizontal flip, then with probability 1/2 either
@@ -278,6 +279,8 @@ def make_transforms(image_set: str, size: int = 800, max_size: int = None, augme
            boxes falling out of the crop are removed with their labels.
     val:   resize the shorter side to ``size`` (longer side <= max_size).
     Both end with ImageNet normalisation. ``size=800`` reproduces DETR's COCO settings exactly.
+    ``hflip=False`` leaves out the flip (the embedded set: its glyphs are chiral, a mirrored "2"
+    is no digit).
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"image_set must be 'train' or 'val', got {image_set!r}")
@@ -295,7 +298,7 @@ def make_transforms(image_set: str, size: int = 800, max_size: int = None, augme
     crop_resize = [int(round(f * size)) for f in (0.5, 0.625, 0.75)]              # DETR: 400, 500, 600
     crop_lo, crop_hi = int(round(0.48 * size)), int(round(0.75 * size))           # DETR: 384, 600
     return T.Compose([
-        T.RandomHorizontalFlip(),
+        T.RandomHorizontalFlip(p=0.5 if hflip else 0.0),
         T.RandomChoice([
             T.RandomShortestSize(scales, max_size=max_size),
             T.Compose([T.RandomShortestSize(crop_resize),
@@ -833,5 +836,6 @@ def build_dataset(image_set: str, args=None, **overrides) -> CocoDetection:
         raise ValueError(f"data must be 'synthetic' or 'coco', got {opt['data']!r}")
 
     size = opt["image_size"] or default_size
-    transforms = make_transforms(image_set, size, opt["max_size"], augment=bool(opt["augment"]))
+    transforms = make_transforms(image_set, size, opt["max_size"], augment=bool(opt["augment"]),
+                                 hflip=opt["data"] != "synthetic")
     return CocoDetection(img_folder, ann_file, transforms)

@@ -199,6 +199,27 @@ def test_horizontal_flip_by_hand(tmp_path):
     assert image[:, 2:8, 26:36].min() == 1.0 and image[:, :, :26].max() == 0.0
 
 
+def test_train_transform_flips_only_when_asked():
+    """The embedded set trains without the horizontal flip (its glyphs are chiral). An image red
+    on the left and blue on the right keeps red left of blue through every resize and crop
+    unless it is flipped: with the flip, about half the samples come out mirrored."""
+    px = np.zeros((64, 64, 3), np.uint8)
+    px[:, :32, 0] = 255
+    px[:, 32:, 2] = 255
+    box = D.tv_tensors.BoundingBoxes(torch.tensor([[8.0, 8.0, 56.0, 56.0]]), format="XYXY",
+                                     canvas_size=(64, 64))
+
+    def mirrored(tf):
+        image, _ = tf(Image.fromarray(px), {"boxes": box, "labels": torch.tensor([0])})
+        image = to_pixels(image)
+        left, right = image[:, :, 0], image[:, :, -1]     # (3, H) first and last columns
+        return bool((left[2] > left[0]).all() and (right[0] > right[2]).all())
+
+    torch.manual_seed(0)
+    assert sum(mirrored(D.make_transforms("train", 64, hflip=True)) for _ in range(40)) >= 8
+    assert not any(mirrored(D.make_transforms("train", 64, hflip=False)) for _ in range(40))
+
+
 def test_val_transform_sizes_and_boxes(tmp_path):
     write_coco(tmp_path, [(1, 200, 100)], [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 25, 40, 20]}],
                [{"id": 1, "name": "a"}], split="val")
