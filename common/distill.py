@@ -5,14 +5,16 @@ A method script defines its config, its losses and one *distiller*: an nn.Module
 ``forward(images, masks, targets) -> dict`` of named losses (the student's own detection losses
 plus each KD term under its own key). Its ``main()`` is
 
-    parser = distill.build_parser(__doc__)          # shared flags + --teacher
+    parser = distill.build_parser(__doc__)          # shared flags + --teacher (ours or official)
     add_my_method_flags(parser)
     args = distill.resolve(parser.parse_args(argv))
     return engine.run_training(args, build_distiller, distill.ensure_teacher(args))
 
 ``engine.run_training`` builds the data, the frozen teacher and the student, and trains. The
 checkpoint keeps the student (and the method's student-side modules), never the teacher; its
-"model" entry loads into ``methods/baseline.py --eval``.
+"model" entry loads into ``methods/baseline.py --eval``. The teacher is a checkpoint of this
+project or an official one (``--teacher-variant``, ``--teacher-arg``: see ``load_detector``),
+whose COCO class slots are mapped to the data set's categories.
 """
 import argparse
 import hashlib
@@ -23,13 +25,15 @@ import subprocess
 import sys
 import tempfile
 
+from collections.abc import Mapping
 from dataclasses import fields
 
 from torch import nn
 
 from common import cli, engine
+from common.checkpoint import load_official, read_checkpoint
 from common.data import default_cache_dir
-from common.detr import build_model
+from common.detr import CONFIGS, build_model
 
 BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "methods", "baseline.py")
@@ -39,27 +43,94 @@ def build_parser(description, default_preset="cpu-student"):
     parser = cli.build_parser(description)
     g = parser.add_argument_group("teacher")
     g.add_argument("--teacher", default=None,
-                   help="teacher checkpoint.pth from methods/baseline.py; on the embedded data "
-                        "a missing teacher is trained first (--teacher-preset) and cached")
+                   help="teacher checkpoint.pth from methods/baseline.py, or an official one "
+                        "(with --teacher-variant); on the embedded data a missing teacher is "
+                        "trained first (--teacher-preset) and cached")
     g.add_argument("--teacher-preset", dest="teacher_preset", default="cpu-teacher",
                    choices=sorted(cli.PRESETS),
                    help="preset of the teacher trained when --teacher is not given")
     g.add_argument("--baseline", action="store_true",
                    help="also train (or reuse the cached) baseline student: the same student, "
                         "seed and schedule without distillation, shown beside the result")
+    g.add_argument("--teacher-variant", dest="teacher_variant", default=None,
+                   choices=sorted(CONFIGS),
+                   help="--teacher is an official checkpoint (DETR, Conditional DETR, DAB-DETR, "
+                        "Deformable DETR, DINO-4scale) of this variant; its 91 COCO class slots "
+                        "are mapped to the data set's categories. Checkpoints of this project "
+                        "record their variant: leave it unset for those")
+    g.add_argument("--teacher-arg", dest="teacher_arg", action="append", default=None,
+                   metavar="NAME=VALUE",
+                   help="repeatable, with --teacher-variant: a model setting the official file "
+                        "was trained with (a field of the variant's config in common/detr.py), "
+                        "e.g. with_box_refine=true and two_stage=true for Deformable DETR "
+                        "+refine / two-stage, dilation=true for DC5, num_queries=300")
     parser.set_defaults(default_preset=default_preset)
     return parser
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+# the official file holds every weight: nothing is loaded into the backbone first
+_NOT_TEACHER_ARGS = ("pretrained", "backbone_weights")
+
+
+def parse_model_args(variant, items):
+    """``["with_box_refine=true", "num_queries=300"]`` -> ``{"with_box_refine": True,
+    "num_queries": 300}``: model overrides of ``variant``, each value typed by the config
+    field's default (bools: true/false, yes/no, on/off, 1/0; tuples: comma-separated)."""
+    if variant not in CONFIGS:
+        raise ValueError(f"variant must be one of {sorted(CONFIGS)}, got {variant!r}")
+    defaults = {f.name: getattr(CONFIGS[variant](), f.name) for f in fields(CONFIGS[variant])}
+    out = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ValueError(f"--teacher-arg {item!r}: expected NAME=VALUE, e.g. "
+                             f"with_box_refine=true")
+        if name in _NOT_TEACHER_ARGS:
+            raise ValueError(f"--teacher-arg {name}: the official file holds every weight, "
+                             f"the backbone's included")
+        if name not in defaults:
+            known = ", ".join(n for n in defaults if n not in _NOT_TEACHER_ARGS)
+            raise ValueError(f"--teacher-arg {name}: {variant} has no such setting; its "
+                             f"settings: {known}")
+        default, text = defaults[name], text.strip()
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in _TRUE + _FALSE:
+                    raise ValueError(f"{text!r} is not true or false")
+                value = text.lower() in _TRUE
+            elif isinstance(default, tuple):
+                value = tuple(type(d)(v) for d, v in zip(default, text.split(","), strict=True))
+            elif isinstance(default, (int, float)):
+                value = type(default)(text)
+            else:
+                value = text
+        except ValueError as e:
+            raise ValueError(f"--teacher-arg {item!r}: {name} takes a "
+                             f"{type(default).__name__} like {default!r} ({e})") from None
+        out[name] = value
+    return out
+
+
 def resolve(args):
     """cli.resolve, with the method's default student preset unless model flags are given or
-    the run only evaluates a checkpoint (then the checkpoint says what the student is)."""
+    the run only evaluates a checkpoint (then the checkpoint says what the student is); the
+    official teacher's ``--teacher-arg`` items become ``args.teacher_overrides``."""
     explicit = args.variant or args.preset or any(
         getattr(args, n) is not None for n in list(cli.MODEL_FLAGS) + ["with_box_refine",
                                                                        "two_stage"])
     if not explicit and not args.eval:
         args.preset = args.default_preset
     args, _ = cli.resolve(args)
+    if args.teacher_variant is None and args.teacher_arg:
+        raise ValueError("--teacher-arg describes an official teacher checkpoint: it needs "
+                         "--teacher-variant")
+    if args.teacher_variant is not None and not args.teacher:
+        raise ValueError("--teacher-variant is for an official checkpoint given as "
+                         "--teacher PATH")
+    args.teacher_overrides = parse_model_args(args.teacher_variant, args.teacher_arg) \
+        if args.teacher_variant is not None else {}
     return args
 
 
@@ -97,20 +168,59 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_detector(path, num_classes, device="cpu"):
-    """Rebuild a detector from a checkpoint of methods/baseline.py (or of a method script: its
-    "model" entry is the student), with the variant and model settings stored in it."""
-    ckpt = engine.load_checkpoint(path)
-    if "model" not in ckpt or "args" not in ckpt or "variant" not in ckpt["args"]:
-        raise ValueError(f"{path} is not a checkpoint of this project's training scripts (it "
-                         f"needs 'model' and 'args' with the variant)")
-    a = ckpt["args"]
-    # the checkpoint holds every weight: the backbone's starting point is not needed again
-    overrides = {k: v for k, v in a.get("model_overrides", {}).items()
-                 if k not in ("backbone_weights", "pretrained")}
-    model = build_model(a["variant"], num_classes, **overrides)
-    engine.check_state_fits(model, ckpt["model"], f"checkpoint {path}")
-    model.load_state_dict(ckpt["model"])
+def load_detector(path, num_classes, device="cpu", *, variant=None, overrides=None,
+                  category_ids=None, allow_unsafe_pickle=False):
+    """Rebuild a detector from a checkpoint of this project, or an official one.
+
+    Ours (methods/baseline.py's, or a method script's: its "model" entry is the student) record
+    the variant and model settings under "args"; ``variant`` and ``overrides`` must then be
+    unset (or name the recorded variant). Any other file is read as an official checkpoint
+    (common.checkpoint.load_official) of ``variant`` built with ``overrides`` (the file's
+    structural flags, e.g. ``with_box_refine=True``, as ``build_model``'s); its COCO class slots
+    ``category_ids`` (the data set's ``label_to_category``, one per class) become the
+    ``num_classes`` classes, or with ``category_ids=None`` the file must have ``num_classes``
+    class rows. ``variant=None`` with an official file is a ValueError saying what to pass.
+    Files are read with ``torch.load(weights_only=True)`` (official ones: argparse.Namespace
+    allowed); ``allow_unsafe_pickle`` as in ``common.checkpoint.read_checkpoint``.
+    """
+    try:
+        ckpt = read_checkpoint(path, allow_unsafe_pickle)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load's errors on a non-checkpoint file vary
+        raise ValueError(f"could not read {path} as a checkpoint ({type(e).__name__}: {e})") \
+            from e
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    a = ckpt.get("args")
+    if "model" in ckpt and isinstance(a, Mapping) and "variant" in a:
+        if overrides or (variant is not None and variant != a["variant"]):
+            raise ValueError(f"{path} is a checkpoint of this project ({a['variant']}): it "
+                             f"records its variant and settings; --teacher-variant and "
+                             f"--teacher-arg are for official checkpoints")
+        # the checkpoint holds every weight: the backbone's starting point is not needed again
+        ours = {k: v for k, v in a.get("model_overrides", {}).items()
+                if k not in ("backbone_weights", "pretrained")}
+        model = build_model(a["variant"], num_classes, **ours)
+        engine.check_state_fits(model, ckpt["model"], f"checkpoint {path}")
+        model.load_state_dict(ckpt["model"])
+        return model.to(device)
+    if variant is None:
+        raise ValueError(
+            f"{path} is not a checkpoint of this project's training scripts (it needs 'model' "
+            f"and 'args' with the variant). If it is an official checkpoint, pass "
+            f"--teacher-variant {{{','.join(sorted(CONFIGS))}}} and, for the settings it was "
+            f"trained with, --teacher-arg NAME=VALUE (e.g. with_box_refine=true two_stage=true "
+            f"for Deformable DETR +refine / two-stage)")
+    if category_ids is not None and len(category_ids) != num_classes:
+        raise ValueError(f"{len(category_ids)} category ids for {num_classes} classes")
+    try:
+        model = load_official(ckpt, variant, num_classes=num_classes, category_ids=category_ids,
+                              **(overrides or {}))
+    except ValueError as e:
+        raise ValueError(f"{path} is neither a checkpoint of this project nor an official "
+                         f"{variant} checkpoint with these settings ({overrides or {}}): "
+                         f"{e}") from e
     return model.to(device)
 
 

@@ -475,7 +475,10 @@ def run_training(args, build_module, teacher_path=None):
                               **backbone_weights_ready(args, info)).to(info.device)
     teacher = None
     if teacher_path is not None:
-        teacher = freeze(load_detector(teacher_path, num_classes, info.device))
+        teacher = freeze(load_detector(
+            teacher_path, num_classes, info.device, variant=getattr(args, "teacher_variant", None),
+            overrides=getattr(args, "teacher_overrides", None),
+            category_ids=dataset_train.label_to_category))  # an official file's COCO slots
         if getattr(args, "baseline", False) and not args.eval and info.is_main:
             from common.distill import ensure_baseline
             ensure_baseline(args)  # the same student without distillation, for the summary

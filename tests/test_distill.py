@@ -1,5 +1,6 @@
 """common/distill.py: the teacher a method script gets (cached on the embedded data, loaded
-from a checkpoint, frozen) and the baseline student beside it."""
+from a checkpoint of ours or an official one, frozen) and the baseline student beside it."""
+import argparse
 import os
 import subprocess
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from common import distill, engine
+from common.checkpoint import ours_to_official
+from test_checkpoint import SMALL, images, tiny  # tiny random models, official layouts
 
 
 def _args(tmp_path, *extra):
@@ -83,3 +86,155 @@ def test_config_flags_follow_the_dataclass():
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "z"])
     assert "from the metadata" in parser.format_help()
+
+
+# ------------------------------------------------------------------------------------------
+# Official teachers: --teacher-variant / --teacher-arg, COCO's 91 slots -> the data set's ids
+# ------------------------------------------------------------------------------------------
+
+IDS = [1, 3, 90, 17]  # a data set's label_to_category: label i is COCO slot IDS[i]
+
+
+def official_file(tmp_path, variant, seed=0, **flags):
+    """A tiny official COCO checkpoint (91 class slots) saved as the official repos do: the
+    weights under "model" in the official layout, the training args as an argparse.Namespace."""
+    full = tiny(variant, num_classes=91, seed=seed, **flags)
+    official = ours_to_official(full.state_dict(), variant, dec_layers=SMALL["dec_layers"],
+                                **flags)
+    path = tmp_path / f"{variant}-official.pth"
+    torch.save({"model": {"module." + k: v for k, v in official.items()}, "epoch": 49,
+                "args": argparse.Namespace(lr=2e-4, coco_path="/data/coco", **flags)}, path)
+    return str(path), official
+
+
+def teacher_args(tmp_path, path, variant, *flags):
+    """The command line of a method script with an official teacher at SMALL's sizes."""
+    items = [f"{k}={v}" for k, v in SMALL.items()] + list(flags)
+    return _args(tmp_path, "--teacher", path, "--teacher-variant", variant,
+                 *[a for item in items for a in ("--teacher-arg", item)])
+
+
+def class_head_keys(official, i):
+    """The file's keys of class head ``i``: one head for all layers, or one per index."""
+    if "class_embed.weight" in official:
+        return "class_embed.weight", "class_embed.bias"
+    return f"class_embed.{i}.weight", f"class_embed.{i}.bias"
+
+
+@pytest.mark.parametrize("variant,flags,kw", [
+    ("conditional_detr", [], {}),
+    ("dab_detr", [], {}),
+    ("deformable_detr", [], {}),
+    ("deformable_detr", ["with_box_refine=true"], dict(with_box_refine=True)),
+    ("deformable_detr", ["with-box-refine=yes", "two_stage=True"],
+     dict(with_box_refine=True, two_stage=True)),
+    ("dino", [], {}),
+], ids=["conditional", "dab", "deformable", "deformable+refine", "deformable+refine+2stage",
+        "dino"])
+def test_official_teacher_loads_with_the_data_sets_slots(tmp_path, variant, flags, kw):
+    path, official = official_file(tmp_path, variant, **kw)
+    args = teacher_args(tmp_path, path, variant, *flags)
+    assert args.teacher_overrides == {**SMALL, **kw}  # typed: ints, floats, strings, bools
+    teacher = distill.freeze(distill.load_detector(
+        distill.ensure_teacher(args), len(IDS), "cpu", variant=args.teacher_variant,
+        overrides=args.teacher_overrides, category_ids=IDS))
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert teacher.variant == variant and teacher.num_classes == len(IDS)
+    if variant == "deformable_detr":
+        assert (teacher.cfg.with_box_refine, teacher.cfg.two_stage) == (
+            kw.get("with_box_refine", False), kw.get("two_stage", False))
+    # class rows: the file's rows at the chosen slots (a two-stage proposal head keeps slot 0,
+    # its objectness channel, first)
+    proposal = len(teacher.class_embed) - 1 if kw.get("two_stage") else None
+    for i, head in enumerate(teacher.class_embed):
+        rows = [0] + IDS[1:] if i == proposal else IDS
+        w, b = class_head_keys(official, i)
+        assert torch.equal(head.weight, official[w][rows]), (i, w)
+        assert torch.equal(head.bias, official[b][rows]), (i, b)
+    if variant == "dino":
+        assert torch.equal(teacher.transformer.enc_out_class_embed.weight,
+                           official["transformer.enc_out_class_embed.weight"][IDS])
+        assert torch.equal(teacher.label_enc.weight, official["label_enc.weight"][IDS + [91]])
+    # every other weight is the file's, under the same name
+    own = teacher.state_dict()
+    same = [k for k in own if k in official and "class_embed" not in k and k != "label_enc.weight"]
+    assert len(same) > len(own) // 2
+    assert all(torch.equal(own[k], official[k]) for k in same)
+    with torch.no_grad():
+        out = teacher(*images())
+    assert out["pred_logits"].shape[-1] == len(IDS)
+
+
+def test_official_teacher_errors_are_clear(tmp_path):
+    path, _ = official_file(tmp_path, "deformable_detr", with_box_refine=True)
+    # no --teacher-variant: what to pass
+    with pytest.raises(ValueError, match="not a checkpoint of this project.*--teacher-variant"):
+        distill.load_detector(path, len(IDS), category_ids=IDS)
+    # the file's flags are not these: the file is named
+    with pytest.raises(ValueError, match=f"{path} is neither .* official deformable_detr"):
+        distill.load_detector(path, len(IDS), variant="deformable_detr", overrides=SMALL,
+                              category_ids=IDS)
+    with pytest.raises(ValueError, match="4 category ids for 5 classes"):
+        distill.load_detector(path, 5, variant="deformable_detr", category_ids=IDS)
+    # not a checkpoint at all
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=f"could not read {junk}"):
+        distill.load_detector(str(junk), 10, variant="dino")
+    # the command line
+    for extra, msg in (
+            (["--teacher-arg", "two_stage=true"], "needs --teacher-variant"),
+            (["--teacher-variant", "dino"], r"given as --teacher PATH"),
+            (["--teacher", path, "--teacher-variant", "dino", "--teacher-arg", "with_box_refine=1"],
+             "dino has no such setting"),
+            (["--teacher", path, "--teacher-variant", "deformable_detr", "--teacher-arg",
+              "two_stage=maybe"], "two_stage takes a bool"),
+            (["--teacher", path, "--teacher-variant", "dino", "--teacher-arg", "num_queries"],
+             "expected NAME=VALUE"),
+            (["--teacher", path, "--teacher-variant", "dino", "--teacher-arg",
+              "backbone_weights=crops"], "holds every weight")):
+        with pytest.raises(ValueError, match=msg):
+            _args(tmp_path, *extra)
+    with pytest.raises(SystemExit):  # argparse: not a variant
+        _args(tmp_path, "--teacher", path, "--teacher-variant", "yolo")
+    help_text = distill.build_parser("test").format_help()
+    assert "--teacher-variant" in help_text and "with_box_refine=true" in help_text
+
+
+def test_our_checkpoints_load_as_before(tmp_path):
+    model = tiny("deformable_detr", num_classes=10, with_box_refine=True)
+    path = str(tmp_path / "checkpoint.pth")
+    engine.save_checkpoint({"model": model.state_dict(), "epoch": 3, "args": {
+        "variant": "deformable_detr",
+        "model_overrides": {**SMALL, "with_box_refine": True, "backbone_weights": "crops"}}},
+        path)
+    for kw in ({}, {"category_ids": list(range(1, 11))}, {"variant": "deformable_detr"}):
+        loaded = distill.load_detector(path, 10, "cpu", **kw)  # positional, as clockdistill
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with pytest.raises(ValueError, match="checkpoint of this project .*for official checkpoints"):
+        distill.load_detector(path, 10, variant="dino")
+    with pytest.raises(ValueError, match="checkpoint of this project .*for official checkpoints"):
+        distill.load_detector(path, 10, overrides={"two_stage": True})
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_run_training_hands_the_data_sets_ids_to_an_official_teacher(tmp_path):
+    """engine.run_training loads the official teacher with the embedded data's category ids
+    (1..10): its heads are the file's slots 1..10."""
+    path, official = official_file(tmp_path, "deformable_detr", with_box_refine=True)
+    args = teacher_args(tmp_path, path, "deformable_detr", "with_box_refine=true")
+    seen = {}
+
+    def build_module(student, num_classes, teacher):
+        seen.update(num_classes=num_classes, teacher=teacher)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        engine.run_training(args, build_module, distill.ensure_teacher(args))
+    teacher = seen["teacher"]
+    assert seen["num_classes"] == 10 and teacher.num_classes == 10
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(teacher.class_embed[2].weight, official["class_embed.2.weight"][1:11])
