@@ -160,11 +160,16 @@ def main(argv=None):
 
     teacher, teacher_stats = args.teacher, None
     if any(m != "baseline" for _, m, _ in runs) or teacher is None:
+        # a teacher trained here gets all the threads the runs share
         targs = distill.resolve(distill.build_parser("teacher").parse_args(
-            ["--teacher-preset", args.teacher_preset, "--threads", str(args.threads),
+            ["--teacher-preset", args.teacher_preset, "--threads", str(args.threads * args.jobs),
              "--num-workers", str(args.num_workers)] + (["--teacher", teacher] if teacher else [])
             + [c for c in common if c.startswith("--synth") or c.startswith("--data-cache")]))
+        t0 = time.time()
         teacher = distill.ensure_teacher(targs)
+        if time.time() - t0 > 10:
+            print(f"teacher: trained in {time.time() - t0:.0f} s wall "
+                  f"({args.threads * args.jobs} threads)", flush=True)
         log = os.path.join(os.path.dirname(teacher), "log.txt")
         if os.path.isfile(log):
             teacher_stats = [json.loads(line) for line in open(log)][-1]

@@ -607,7 +607,9 @@ def write_figures(args, cfg, teacher_path):
         else args.device
     dataset = build_dataset("val", args)
     path = args.resume if args.eval else os.path.join(args.output_dir, "checkpoint.pth")
-    teacher = distill.freeze(distill.load_detector(teacher_path, dataset.num_classes, device))
+    teacher = distill.freeze(distill.load_detector(
+        teacher_path, dataset.num_classes, device, variant=args.teacher_variant,
+        overrides=args.teacher_overrides, category_ids=dataset.label_to_category))
     student = distill.load_detector(path, dataset.num_classes, device)
     distiller = CLoCKDistiller(cfg, teacher, student, dataset.num_classes).to(device)
     engine.load_trainable_state(distiller, engine.load_checkpoint(path), f"checkpoint {path}")
