@@ -94,6 +94,39 @@ def test_focal_loss_is_normalised_by_num_boxes():
     assert none["loss_bbox"].item() == 0 and none["loss_giou"].item() == 0
 
 
+def test_trap11_focal_equals_the_official_formula_with_a_dropped_background_column():
+    """Trap 11, written as the official code computes it (deformable_detr.py loss_labels and
+    segmentation.py sigmoid_focal_loss): a K + 1 one-hot whose last column (no object) is dropped,
+    the element loss averaged over queries (mean(1)), summed, divided by num_boxes, times Q.
+    Two images with 3 and 1 targets, the last real class among the labels, unmatched queries."""
+    torch.manual_seed(3)
+    B, Q, C = 2, 5, 3
+    out, targets = random_case([3, 1], Q, C, requires_grad=False)
+    targets[0]["labels"] = torch.tensor([2, 0, 2])
+    targets[1]["labels"] = torch.tensor([2])
+    criterion = focal_criterion(C)
+    losses = criterion(out, targets)
+    indices = criterion.matcher(out, targets)
+    target_classes = torch.full((B, Q), C, dtype=torch.int64)  # index C = no object
+    for b, (q, t) in enumerate(indices):
+        target_classes[b, q] = targets[b]["labels"][t]
+    onehot = torch.zeros(B, Q, C + 1, dtype=torch.float64)
+    onehot.scatter_(2, target_classes[..., None], 1)
+    onehot = onehot[..., :-1]
+    assert (onehot.sum(-1) == 0).sum() == B * Q - 4  # unmatched queries: all-zero rows
+    x = out["pred_logits"].double()
+    prob = x.sigmoid()
+    ce = -(onehot * torch.log(prob) + (1 - onehot) * torch.log(1 - prob))
+    p_t = prob * onehot + (1 - prob) * (1 - onehot)
+    alpha_t = 0.25 * onehot + 0.75 * (1 - onehot)
+    loss = alpha_t * ce * (1 - p_t) ** 2
+    num_boxes = 4.0
+    official = loss.mean(1).sum() / num_boxes * Q
+    assert losses["loss_ce"].item() == pytest.approx(official.item(), rel=1e-5)
+    # the normaliser is the box count, not the queries (a mean over queries would be 1/Q of it)
+    assert losses["loss_ce"].item() != pytest.approx(official.item() / Q, rel=1e-2)
+
+
 def test_perfect_predictions_give_zero_box_losses():
     torch.manual_seed(2)
     Q, C = 8, 4
