@@ -161,10 +161,13 @@ def main(argv=None):
     teacher, teacher_stats = args.teacher, None
     if any(m != "baseline" for _, m, _ in runs) or teacher is None:
         # a teacher trained here gets all the threads the runs share
-        targs = distill.resolve(distill.build_parser("teacher").parse_args(
-            ["--teacher-preset", args.teacher_preset, "--threads", str(args.threads * args.jobs),
-             "--num-workers", str(args.num_workers)] + (["--teacher", teacher] if teacher else [])
-            + [c for c in common if c.startswith("--synth") or c.startswith("--data-cache")]))
+        # (the data flags among ``common`` select the teacher's data; ensure_teacher takes
+        # the schedule from the teacher preset)
+        targs, _ = distill.build_parser("teacher").parse_known_args(
+            common + ["--teacher-preset", args.teacher_preset, "--threads",
+                      str(args.threads * args.jobs), "--num-workers", str(args.num_workers)]
+            + (["--teacher", teacher] if teacher else []))
+        targs = distill.resolve(targs)
         t0 = time.time()
         teacher = distill.ensure_teacher(targs)
         if time.time() - t0 > 10:

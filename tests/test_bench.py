@@ -181,3 +181,72 @@ def test_run_fails_on_wrong_assignment_or_error(kernels, monkeypatch, capsys):
     assert kernels.main(["--quick", "--only", "lsa"]) == 1
     out = capsys.readouterr().out
     assert "deliberately broken" in out and "scipy loop" in out
+
+
+# ------------------------------------------------------------------------------------------
+# bench/distill.py
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def distill_bench():
+    return _load("distill")
+
+
+def test_distill_run_specs(distill_bench):
+    assert distill_bench.parse_run("qskd") == ("qskd", "qskd", [])
+    assert distill_bench.parse_run("no-feat=qskd:--no-feature-kd --seed-x 1") == \
+        ("no-feat", "qskd", ["--no-feature-kd", "--seed-x", "1"])
+    with pytest.raises(ValueError, match="must be one of"):
+        distill_bench.parse_run("fitnet")
+
+
+def test_distill_summary_mean_spread_and_gain(distill_bench):
+    rec = [dict(label=l, method=m, seed=s, AP=ap, AP50=ap50, iter_time_s=t, peak_mem_mb=mb)
+           for l, m, s, ap, ap50, t, mb in [
+               ("baseline", "baseline", 0, 0.10, 0.30, 0.2, 500),
+               ("baseline", "baseline", 1, 0.12, 0.34, 0.3, 510),
+               ("baseline", "baseline", 2, 0.11, 0.32, 0.1, 505),
+               ("kd", "qskd", 0, 0.125, 0.36, 0.5, 700),
+               ("kd", "qskd", 1, 0.125, 0.36, 0.4, 720),
+               ("kd", "qskd", 2, 0.125, 0.36, 0.6, 710),
+               ("weak", "gdetkd", 0, 0.12, 0.33, 0.9, 900),
+               ("weak", "gdetkd", 1, 0.11, 0.33, 0.9, 900),
+               ("weak", "gdetkd", 2, 0.13, 0.33, 0.9, 900)]]
+    table, text = distill_bench.summarize(rec, {"test_AP": 0.3, "test_AP50": 0.6})
+    rows = {t["label"]: t for t in table}
+    # hand-computed: baseline AP 10, 12, 11 -> mean 11, sample sd 1; AP50 30, 34, 32 -> 32, 2
+    assert rows["baseline"]["AP"] == pytest.approx((11.0, 1.0))
+    assert rows["baseline"]["AP50"] == pytest.approx((32.0, 2.0))
+    assert rows["baseline"]["iter_time_s"] == 0.2 and rows["baseline"]["peak_mem_mb"] == 510
+    # gain 1.5 > max(1.0, sd 1.0): beats the noise; gain 1.0 does not (strictly larger needed)
+    assert rows["kd"]["gain"] == pytest.approx(1.5) and rows["kd"]["beats_noise"]
+    assert rows["weak"]["gain"] == pytest.approx(1.0) and not rows["weak"]["beats_noise"]
+    assert "gain" not in rows["baseline"]
+    assert "| teacher | 30.0 | 60.0 |" in text and "| kd | 12.5 ± 0.0 |" in text
+
+
+def test_distill_bench_end_to_end_and_reuse(tmp_path, distill_bench, monkeypatch):
+    """Two tiny runs (baseline and CLoCKDistill) through the real scripts, then the same command
+    again reuses them without training."""
+    cache = str(tmp_path / "cache")
+    data = ["--synth-num-train", "4", "--synth-num-val", "2", "--data-cache", cache,
+            "--max-iters", "1", "--num-workers", "0"]
+    sys.path.insert(0, os.path.join(ROOT, "methods"))
+    import baseline
+    baseline.main(["--preset", "cpu-tiny", "--output-dir", str(tmp_path / "teacher"),
+                   "--threads", "1"] + data)
+    argv = ["--runs", "baseline", "kd=clockdistill:--no-lcmd", "--seeds", "3",
+            "--student-preset", "cpu-tiny", "--teacher", str(tmp_path / "teacher" / "checkpoint.pth"),
+            "--output-dir", str(tmp_path / "bench"), "--threads", "1", "--num-workers", "0",
+            "--json", str(tmp_path / "out.json")] + data[:-2]
+    table = distill_bench.main(argv)
+    assert [t["label"] for t in table] == ["baseline", "kd"]
+    assert all(len(t["AP_per_seed"]) == 1 for t in table) and "gain" in table[1]
+    log = json.load(open(tmp_path / "out.json"))
+    assert [r["seed"] for r in log["records"]] == [3, 3] and log["teacher_stats"]["test_AP"] >= 0
+    assert all("--seed 3" in r["command"] for r in log["records"])
+    assert all(r["iter_time_s"] > 0 and r["peak_mem_mb"] > 0 for r in log["records"])
+    monkeypatch.setattr(distill_bench.subprocess, "run",
+                        lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = distill_bench.main(argv)
+    assert [t["AP"] for t in again] == [t["AP"] for t in table]
