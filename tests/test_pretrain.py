@@ -90,3 +90,36 @@ def test_tiny_backbone_uses_group_norm_and_trains_whole():
     r = Backbone("resnet18", return_interm_layers=True)
     frozen = {n.split(".")[1] for n, p in r.named_parameters() if not p.requires_grad}
     assert frozen == {"conv1", "layer1"}
+
+
+def test_training_starts_from_the_cached_crop_backbone(tmp_path):
+    """--backbone-weights crops through methods/baseline.py: the crop-pretrained backbone is
+    made once and loaded; the checkpoint does not need the file again (--eval works without
+    it), and 'crops' on a ResNet is a clear error."""
+    import os
+    import shutil
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "methods"))
+    import baseline
+    from common.distill import load_detector
+    common = ["--preset", "cpu-tiny", "--synth-num-train", "4", "--synth-num-val", "2",
+              "--data-cache", str(tmp_path), "--num-workers", "0", "--max-iters", "1",
+              "--threads", "1"]
+    out = tmp_path / "run"
+    baseline.main(common + ["--backbone-weights", "crops", "--lr-backbone", "0",
+                            "--output-dir", str(out)])
+    files = list((tmp_path / "backbones").glob("tiny8-crops-*.pth"))
+    assert len(files) == 1
+    state = torch.load(files[0], weights_only=True)
+    model = load_detector(str(out / "checkpoint.pth"), 10)
+    body = model.backbone[0].body
+    # lr_backbone 0: after one step the backbone still equals the pretrained weights
+    for k in ("conv1.weight", "layer2.0.conv1.weight", "layer4.0.bn2.weight"):
+        assert torch.equal(dict(body.named_parameters())[k], state[k]), k
+    shutil.rmtree(tmp_path / "backbones")
+    stats = baseline.main([a for a in common if a not in ("--preset", "cpu-tiny")] +
+                          ["--eval", "--resume", str(out / "checkpoint.pth")])
+    assert "AP" in stats
+    with pytest.raises(ValueError, match="tiny"):
+        baseline.main(common + ["--backbone", "resnet18", "--backbone-weights", "crops",
+                                "--output-dir", str(tmp_path / "r18")])
