@@ -423,13 +423,14 @@ def resume(module, optimizer, lr_scheduler, path):
     return int(ckpt["epoch"]) + 1
 
 
-def backbone_weights_ready(args, info):
+def backbone_weights_ready(args, info, dataset_train, dataset_val):
     """``args.model_overrides`` with ``backbone_weights="crops"`` (the CPU presets) replaced by
     the path of the cached crop-pretrained tiny backbone (common/pretrain.py), which the main
     process trains first when it is missing."""
     overrides = dict(args.model_overrides)
     if overrides.get("backbone_weights") != "crops":
         return overrides
+    from common.data import default_cache_dir
     from common.detr import CONFIGS
     from common.pretrain import ensure_crop_pretrained
     cfg = CONFIGS[args.variant]()
@@ -437,13 +438,17 @@ def backbone_weights_ready(args, info):
         raise ValueError("--backbone-weights crops pretrains the 'tiny' backbone only; give a "
                          "weights file for a ResNet")
     width = overrides.get("width", cfg.width)
-    if info.distributed and not info.is_main:
-        dist.barrier()                          # the main process pretrains (or finds) it first
-    try:
-        overrides["backbone_weights"] = ensure_crop_pretrained(args, width, verbose=info.is_main)
-    finally:
-        if info.distributed and info.is_main:
-            dist.barrier()
+    root = args.data_cache or default_cache_dir()
+    if info.is_main:
+        try:
+            ensure_crop_pretrained(dataset_train, dataset_val, width, root)
+        finally:
+            if info.distributed:
+                dist.barrier()               # the others wait until it is cached (or failed)
+    elif info.distributed:
+        dist.barrier()
+    overrides["backbone_weights"] = ensure_crop_pretrained(      # cached now: just the path
+        dataset_train, dataset_val, width, root, verbose=False)
     return overrides
 
 
@@ -472,7 +477,8 @@ def run_training(args, build_module, teacher_path=None):
         student = load_detector(args.resume, num_classes, info.device)  # as the checkpoint says
     else:
         student = build_model(args.variant, num_classes,
-                              **backbone_weights_ready(args, info)).to(info.device)
+                              **backbone_weights_ready(args, info, dataset_train,
+                                                       dataset_val)).to(info.device)
     teacher = None
     if teacher_path is not None:
         teacher = freeze(load_detector(

@@ -9,7 +9,7 @@ learns to name square crops cut around the training split's ground-truth boxes, 
 "background" class for crops that hold no object. It takes about a minute on one CPU core and
 uses nothing but the training annotations (no validation image is seen).
 
-    path = ensure_crop_pretrained(dataset, width=32)     # cached; returns a state-dict file
+    path = ensure_crop_pretrained(train_set, val_set, width=32, cache_root=...)  # cached file
     python -m common.pretrain --width 32                  # the same, on the embedded data
 
 The file holds the backbone body's state dict (conv1, bn1, layer1..layer4), which
@@ -138,27 +138,26 @@ def accuracy(model, images, labels, batch_size=512):
     return hits / max(len(images), 1)
 
 
-def ensure_crop_pretrained(args, width, cache_dir=None, verbose=True):
-    """The cached crop-pretrained tiny backbone of ``width`` for the data that ``args`` selects
-    (the attributes of common.data.add_data_args); trained now when missing. Returns its path."""
-    from common.data import build_dataset, default_cache_dir
-    train = build_dataset("train", args, augment=False)
+def ensure_crop_pretrained(train, val, width, cache_root, verbose=True):
+    """The cached crop-pretrained tiny backbone of ``width`` for the training split ``train``
+    (a common.data.CocoDetection; ``val`` gives the un-augmented transform, and 200 images for
+    the reported accuracy), trained now when missing; cached under ``cache_root``/backbones.
+    Returns its path. No collective calls: under torchrun only the main process calls this."""
+    from common.data import CocoDetection
     key = {"version": PRETRAIN_VERSION, "width": width,
            "train": str(train.ann_file), "info": train.coco.dataset.get("info", {}),
            "num_images": len(train)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    root = cache_dir or getattr(args, "data_cache", None) or str(default_cache_dir())
-    path = os.path.join(root, "backbones", f"tiny{width}-crops-{digest}.pth")
+    path = os.path.join(str(cache_root), "backbones", f"tiny{width}-crops-{digest}.pth")
     if os.path.isfile(path):
         return path
     if verbose:
         print(f"backbone: pretraining the tiny backbone (width {width}) on object crops of the "
               f"training split, cached at {path}", flush=True)
-    val = build_dataset("val", args)
-    n_val = min(len(val), 200)
-    train_crops = crop_dataset(train, seed=0)
-    val_crops = crop_dataset(_Head(val, n_val), seed=1)        # only to report accuracy
-    state, stats = pretrain_backbone(train_crops, val_crops, width, train.num_classes,
+    plain = CocoDetection(train.img_folder, train.ann_file, val.transforms)  # no augmentation
+    train_crops = crop_dataset(plain, seed=0)
+    val_crops = crop_dataset(_Head(val, min(len(val), 200)), seed=1)  # only to report accuracy
+    state, stats = pretrain_backbone(train_crops, val_crops, width, plain.num_classes,
                                      verbose=verbose)
     save_checkpoint(state, path)
     with open(path + ".json", "w") as f:
@@ -188,7 +187,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(ensure_crop_pretrained(args, args.width))
+    from common.data import build_dataset, default_cache_dir
+    print(ensure_crop_pretrained(build_dataset("train", args), build_dataset("val", args),
+                                 args.width, args.data_cache or default_cache_dir()))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ checkpoint of another model, and two gloo processes equal to one process with th
 import argparse
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -184,3 +185,38 @@ def test_two_gloo_processes_equal_one_with_doubled_batch(tmp_path):
                            verbose=False)
     for k, v in module.student.state_dict().items():
         torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _crops_worker(rank, world, port, cache, out):
+    from types import SimpleNamespace
+    from common.data import build_dataset
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = engine.init_distributed("cpu")
+    args = SimpleNamespace(data="synthetic", data_cache=cache, synth="easy", synth_num_train=3,
+                           synth_num_val=2, variant="deformable_detr",
+                           model_overrides={"backbone": "tiny", "width": 4,
+                                            "backbone_weights": "crops"})
+    train, val = build_dataset("train", args), build_dataset("val", args)
+    overrides = engine.backbone_weights_ready(args, info, train, val)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(overrides["backbone_weights"])
+    dist.destroy_process_group()
+
+
+def test_crop_backbone_under_two_processes(tmp_path):
+    """Under torchrun the main process pretrains the crop backbone once while the others wait;
+    every process gets the same cached file (and nobody deadlocks)."""
+    out = str(tmp_path / "path")
+    ctx = mp.spawn(_crops_worker, args=(2, _free_port(), str(tmp_path), out), nprocs=2,
+                   join=False)
+    deadline = time.time() + 300
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two processes did not finish: a barrier mismatch?")
+    paths = {open(f"{out}.{r}").read() for r in range(2)}
+    assert len(paths) == 1 and os.path.isfile(paths.pop())
+    assert len(list((tmp_path / "backbones").glob("*.pth"))) == 1

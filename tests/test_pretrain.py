@@ -70,13 +70,15 @@ def test_pretraining_learns_and_loads_into_the_backbone(tmp_path):
 
 
 def test_ensure_crop_pretrained_caches(tmp_path, monkeypatch):
+    from common.data import build_dataset
     args = SimpleNamespace(data="synthetic", data_cache=str(tmp_path), synth="easy",
                            synth_num_train=3, synth_num_val=2)
-    path = P.ensure_crop_pretrained(args, width=4, verbose=False)
+    train, val = build_dataset("train", args), build_dataset("val", args)
+    path = P.ensure_crop_pretrained(train, val, 4, tmp_path, verbose=False)
     state = torch.load(path, weights_only=True)
     assert "layer4.0.conv1.weight" in state and not any(k.startswith("fc") for k in state)
     monkeypatch.setattr(P, "pretrain_backbone", lambda *a, **k: pytest.fail("retrained"))
-    assert P.ensure_crop_pretrained(args, width=4, verbose=False) == path
+    assert P.ensure_crop_pretrained(train, val, 4, tmp_path, verbose=False) == path
 
 
 def test_tiny_backbone_uses_group_norm_and_trains_whole():
