@@ -58,7 +58,7 @@ def run_one(label, method, extra, seed, teacher, args):
         cmd += ["--teacher", teacher]
     shown = " ".join(shlex.quote(c) for c in ["python", os.path.relpath(cmd[1], ROOT)] + cmd[2:])
     log_file, cmd_file = os.path.join(out, "log.txt"), os.path.join(out, "command.json")
-    done = (os.path.isfile(cmd_file) and json.load(open(cmd_file)) == cmd[1:]
+    done = (os.path.isfile(cmd_file) and _read_json(cmd_file) == cmd[1:]
             and os.path.isfile(log_file) and _epochs_done(log_file) >= _epochs(args, extra))
     if args.force or not done:
         if os.path.isdir(out):
@@ -77,12 +77,17 @@ def run_one(label, method, extra, seed, teacher, args):
             json.dump(cmd[1:], f)
         with open(os.path.join(out, "wall_s.txt"), "w") as f:
             f.write(f"{time.time() - t0:.1f}\n")
-    last = [json.loads(line) for line in open(log_file)][-1]
+    last = distill.last_log_line(os.path.join(out, "checkpoint.pth"))
     wall = os.path.join(out, "wall_s.txt")
     return {"label": label, "method": method, "seed": seed, "command": shown,
             "AP": last["test_AP"], "AP50": last["test_AP50"],
             "iter_time_s": last.get("train_iter_time_s"), "peak_mem_mb": last.get("train_peak_mem_mb"),
-            "wall_s": float(open(wall).read()) if os.path.isfile(wall) else None}
+            "wall_s": float(_read_json(wall)) if os.path.isfile(wall) else None}
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def _epochs_done(log_file):
@@ -173,9 +178,7 @@ def main(argv=None):
         if time.time() - t0 > 10:
             print(f"teacher: trained in {time.time() - t0:.0f} s wall "
                   f"({args.threads * args.jobs} threads)", flush=True)
-        log = os.path.join(os.path.dirname(teacher), "log.txt")
-        if os.path.isfile(log):
-            teacher_stats = [json.loads(line) for line in open(log)][-1]
+        teacher_stats = distill.last_log_line(teacher)
 
     jobs = [(label, method, extra, seed, teacher, args)
             for label, method, extra in runs for seed in args.seeds]

@@ -322,7 +322,8 @@ def ensure_baseline(args):
     return path
 
 
-def _last_log_line(checkpoint_path):
+def last_log_line(checkpoint_path):
+    """The last JSON line of the log.txt beside a checkpoint (None when there is none)."""
     log = os.path.join(os.path.dirname(checkpoint_path), "log.txt")
     if not os.path.isfile(log):
         return None
@@ -353,7 +354,7 @@ def print_summary(args, t_stats, student_stats):
     rows = [("teacher", t_stats.get("AP"), t_stats.get("AP50"))]
     baseline = baseline_cache_path(args)
     if args.data == "synthetic" and os.path.isfile(baseline):
-        last = _last_log_line(baseline) or {}
+        last = last_log_line(baseline) or {}
         rows.append(("baseline student", last.get("test_AP"), last.get("test_AP50")))
     rows.append(("distilled student", student_stats.get("test_AP"),
                  student_stats.get("test_AP50")))

@@ -441,14 +441,14 @@ def backbone_weights_ready(args, info, dataset_train, dataset_val):
     root = args.data_cache or default_cache_dir()
     if info.is_main:
         try:
-            ensure_crop_pretrained(dataset_train, dataset_val, width, root)
+            path = ensure_crop_pretrained(dataset_train, dataset_val, width, root)
         finally:
             if info.distributed:
                 dist.barrier()               # the others wait until it is cached (or failed)
-    elif info.distributed:
+    else:
         dist.barrier()
-    overrides["backbone_weights"] = ensure_crop_pretrained(      # cached now: just the path
-        dataset_train, dataset_val, width, root, verbose=False)
+        path = ensure_crop_pretrained(dataset_train, dataset_val, width, root, verbose=False)
+    overrides["backbone_weights"] = path
     return overrides
 
 
