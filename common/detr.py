@@ -262,7 +262,8 @@ class Queries:
     deformable_detr:   content, pos, reference (B,Q,2) points (or (B,Q,4) boxes in two-stage);
                        reference None = sigmoid(transformer.reference_points(pos)).
     dino:              content, reference (B,Q,4); pos None (made per layer).
-    attn_mask:         optional (Q,Q) bool self-attention mask, True = blocked.
+    attn_mask:         optional (Q,Q) bool self-attention mask, True = blocked, or (B,Q,Q) one
+                       per image (Deformable DETR and DINO only).
     """
     content: torch.Tensor
     pos: Optional[torch.Tensor] = None
@@ -538,9 +539,11 @@ class DETRModel(nn.Module):
                 q.reference.shape[2] not in ref_dims:
             raise ValueError(f"queries.reference must be (B={B}, Q={Q}, one of {ref_dims}) for "
                              f"{v}, got {tuple(q.reference.shape)}")
-        if q.attn_mask is not None and (q.attn_mask.dtype != torch.bool or q.attn_mask.shape != (Q, Q)):
-            raise ValueError(f"queries.attn_mask must be bool (Q,Q)=({Q},{Q}), got "
-                             f"{q.attn_mask.dtype} {tuple(q.attn_mask.shape)}")
+        if q.attn_mask is not None and (q.attn_mask.dtype != torch.bool or
+                                        q.attn_mask.shape not in ((Q, Q), (B, Q, Q))):
+            raise ValueError(f"queries.attn_mask must be bool (Q,Q)=({Q},{Q}) or per image "
+                             f"(B,Q,Q)=({B},{Q},{Q}), got {q.attn_mask.dtype} "
+                             f"{tuple(q.attn_mask.shape)}")
         if v != "dino" and v != "deformable_detr" and q.attn_mask is not None:
             raise ValueError(f"{v} does not take a self-attention mask")
 
@@ -561,9 +564,15 @@ class DETRModel(nn.Module):
             N = dn_meta["num_dn_queries"]
             content = torch.cat([dn_content.to(content.dtype), content], 1)  # DN block first
             ref = torch.cat([dn_ref.to(ref.dtype), ref], 1)
-            if attn_mask is not None:
+            if attn_mask is not None and attn_mask.dim() == 3:  # per image: (B,N+Q,N+Q)
+                dn_mask = dn_mask[None].repeat(B, 1, 1)
+                dn_mask[:, N:, N:] |= attn_mask
+            elif attn_mask is not None:
                 dn_mask[N:, N:] |= attn_mask
             attn_mask = dn_mask
+        if attn_mask is not None and attn_mask.dim() == 3:
+            # nn.MultiheadAttention takes a per-image mask as (B*heads,Q,Q), image-major
+            attn_mask = attn_mask.repeat_interleave(self.cfg.nheads, 0)
         if v == "deformable_detr" and ref is None:
             ref = t.reference_points(pos).sigmoid()
         heads = list(self.bbox_embed)

@@ -502,21 +502,46 @@ class GDetKD(nn.Module):
 
     def query_embeddings(self, enc_s, enc_t, rois, sizes):
         """r^s, r^t (R,D_S), (R,D_T): last-layer decoder outputs of student and teacher on the
-        same frozen box queries, one image at a time."""
+        same frozen box queries, each image's RoIs seeing only each other in self-attention."""
+        B = enc_s.memory.shape[0]
+        image = rois[:, 0].long()
+        counts = torch.bincount(image, minlength=B).tolist()
+        scale = torch.stack([rois.new_tensor([w, h, w, h]) for h, w in sizes])   # (B,4)
+        box = xyxy_to_cxcywh(rois[:, 1:] / scale[image]).clamp(0.0, 1.0)        # (R,4)
+        if self.student.variant in MULTI_SCALE and self.teacher.variant in MULTI_SCALE:
+            # one batched pass per model: image b's RoIs in slots [0, R_b) of row b, the rest
+            # padding; a per-image self-attention mask hides the padding from the real queries
+            # (a padded query sees itself only), so each image's result is that of its own pass
+            R_max = max(counts)
+            slot = torch.empty_like(image)            # rank of each RoI within its image
+            slot[torch.argsort(image, stable=True)] = torch.cat(
+                [torch.arange(n, device=rois.device) for n in counts])
+            boxes = box.new_tensor([0.5, 0.5, 0.1, 0.1]).repeat(B, R_max, 1)     # (B,R_max,4)
+            boxes[image, slot] = box
+            real = torch.zeros(B, R_max, dtype=torch.bool, device=rois.device)
+            real[image, slot] = True
+            eye = torch.eye(R_max, dtype=torch.bool, device=rois.device)
+            blocked = ~real[:, None, :] & ~eye                                   # (B,R_max,R_max)
+
+            def embed(model, enc):
+                q = replace(self.roi_queries(model, boxes), attn_mask=blocked)
+                return model.decode(enc, q).hs[-1][image, slot]                  # (R,D)
+            with torch.no_grad():
+                r_t = embed(self.teacher, enc_t)
+            return embed(self.student, enc_s), r_t
+        # decoders without a self-attention mask (Conditional DETR, DAB-DETR): image by image
         r_s, r_t = [], []
-        for b in range(enc_s.memory.shape[0]):
-            sel = rois[:, 0] == b
-            h, w = sizes[b]
-            box = xyxy_to_cxcywh(rois[sel, 1:] / rois.new_tensor([w, h, w, h]))[None]
-            box = box.clamp(0.0, 1.0)                                          # (1,R_b,4)
-            if box.shape[1] == 0:
+        for b in range(B):
+            sel = image == b
+            if counts[b] == 0:
                 continue
             with torch.no_grad():
                 r_t.append(self.teacher.decode(one_image(enc_t, b), self.roi_queries(
-                    self.teacher, box)).hs[-1][0])
+                    self.teacher, box[sel][None])).hs[-1][0])
             r_s.append(self.student.decode(one_image(enc_s, b), self.roi_queries(
-                self.student, box)).hs[-1][0])
-        return torch.cat(r_s), torch.cat(r_t)
+                self.student, box[sel][None])).hs[-1][0])
+        order = torch.argsort(torch.cat([(image == b).nonzero().flatten() for b in range(B)]))
+        return torch.cat(r_s)[order], torch.cat(r_t)[order]
 
     def forward(self, images, masks, targets):
         s, cfg = self.student, self.cfg

@@ -319,6 +319,28 @@ def test_roi_align_separable_equals_torchvision(shape, stride, ratio):
                                                              dtype=torch.float64), 7, 1.0, 2)
 
 
+@pytest.mark.parametrize("tv,sv", [("deformable_detr", "deformable_detr"),
+                                   ("dino", "deformable_detr"), ("deformable_detr", "dino")])
+def test_query_embeddings_batched_equal_image_by_image(tv, sv, monkeypatch):
+    """The batched RoI-query pass (padding + a per-image self-attention mask) gives each RoI
+    what a pass over its own image's RoIs alone gives, whatever the RoI order."""
+    torch.manual_seed(0)
+    t, s = make(tv).eval(), make(sv).eval()
+    d = gdetkd.GDetKD(gdetkd.GDetKDConfig(), t, s, 5).eval()
+    images, masks, targets = batch()
+    with torch.no_grad():
+        enc_s, enc_t = s.encode(images, masks), t.encode(images, masks)
+        rois, _, _ = gdetkd.sample_rois(s.decode(enc_s).boxes[-1], targets, d.cfg)
+        rois = rois[torch.randperm(len(rois), generator=torch.Generator().manual_seed(1))]
+        sizes = [tuple(float(v) for v in tt["size"]) for tt in targets]
+        got_s, got_t = d.query_embeddings(enc_s, enc_t, rois, sizes)
+        monkeypatch.setattr(gdetkd, "MULTI_SCALE", ())   # the image-by-image path
+        ref_s, ref_t = d.query_embeddings(enc_s, enc_t, rois, sizes)
+    assert len(set(rois[:, 0].tolist())) == 2 and got_s.shape == (len(rois), s.hidden_dim)
+    torch.testing.assert_close(got_s, ref_s, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_t, ref_t, rtol=0, atol=1e-5)
+
+
 def test_sample_rois_invariants():  # invariants 15 and 16
     cfg = gdetkd.GDetKDConfig(rois_per_img=12)
     g = torch.Generator().manual_seed(0)
@@ -443,8 +465,9 @@ def test_ckd_query_mode_feeds_identical_frozen_queries(monkeypatch):  # invarian
         monkeypatch.setattr(model, "decode", rec)
     images, masks, targets = batch()
     d(images, masks, targets)
-    assert len(seen["t"]) == len(seen["s"]) == 2  # one pass per image
+    assert len(seen["t"]) == len(seen["s"]) == 1  # one batched pass per model
     for qt, qs in zip(seen["t"], seen["s"]):
+        assert torch.equal(qt.attn_mask, qs.attn_mask) and qt.attn_mask.shape[0] == 2
         for f in ("content", "pos", "reference"):
             a, b = getattr(qt, f), getattr(qs, f)
             assert a.grad_fn is None and b.grad_fn is None and not a.requires_grad

@@ -5,6 +5,7 @@ look-forward-twice, the detach rules, the faithfulness traps of specs/detr-famil
 and the building blocks against float64 hand computations.
 """
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -223,6 +224,39 @@ def test_dino_denoising_mask_groups_and_isolation():
     expect[0:6, 6:12] = True
     expect[6:12, 0:6] = True
     assert mask.dtype == torch.bool and torch.equal(mask, expect)
+
+
+@pytest.mark.parametrize("variant", ["deformable_detr", "dino"])
+def test_per_image_self_attention_mask(variant):
+    """A (B,Q,Q) mask acts image by image: the same mask for every image equals the (Q,Q) mask;
+    an image whose mask blocks nothing equals the unmasked run; queries blocked from everything
+    but themselves differ. DINO in training: the mask merges with the denoising mask."""
+    model = small_model(variant, randomize_heads=True).eval()
+    images, masks, targets = batch()
+    with torch.no_grad():
+        enc = model.encode(images, masks)
+        q = model.init_queries(enc)
+        Q = q.content.shape[1]
+        shared = torch.rand(Q, Q, generator=torch.Generator().manual_seed(0)) < 0.3
+        shared.fill_diagonal_(False)
+        per_image = torch.stack([shared, torch.zeros_like(shared)])      # image 1: nothing
+        a = model.decode(enc, queries=replace(q, attn_mask=shared))
+        b = model.decode(enc, queries=replace(q, attn_mask=per_image))
+        plain = model.decode(enc, queries=q)
+        torch.testing.assert_close(b.hs[:, 0], a.hs[:, 0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b.hs[:, 1], plain.hs[:, 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(b.hs[:, 0], plain.hs[:, 0], atol=1e-4)
+        if variant == "dino":
+            model.train()
+            torch.manual_seed(3)
+            c = model.decode(enc, queries=replace(q, attn_mask=shared[None].repeat(2, 1, 1)),
+                             targets=targets)
+            torch.manual_seed(3)
+            d = model.decode(enc, queries=replace(q, attn_mask=shared), targets=targets)
+            torch.testing.assert_close(c.hs, d.hs, rtol=0, atol=1e-6)
+            torch.testing.assert_close(c.dn.hs, d.dn.hs, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.decode(enc, queries=replace(q, attn_mask=per_image[:, :-1]))
 
 
 def test_dino_denoising_noise_ranges():
