@@ -250,3 +250,54 @@ def test_distill_bench_end_to_end_and_reuse(tmp_path, distill_bench, monkeypatch
                         lambda *a, **k: pytest.fail("a finished run was trained again"))
     again = distill_bench.main(argv)
     assert [t["AP"] for t in again] == [t["AP"] for t in table]
+
+
+# ------------------------------------------------------------------------------------------
+# bench/clockdistill_probe.py
+# ------------------------------------------------------------------------------------------
+
+class _TinySet(torch.utils.data.Dataset):
+    """Three images with 2, 0 and 3 objects (normalised cxcywh), 5 classes."""
+    num_classes = 5
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.items = []
+        for n in (2, 0, 3):
+            c = 0.25 + 0.5 * torch.rand(n, 2, generator=g)
+            wh = 0.1 + 0.3 * torch.rand(n, 2, generator=g)
+            self.items.append((torch.rand(3, 64, 80, generator=g),
+                               dict(labels=torch.randint(0, 5, (n,), generator=g),
+                                    boxes=torch.cat([c, wh], 1), size=torch.tensor([64, 80]))))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_clockdistill_probe_reads_each_objects_own_query(monkeypatch):
+    """With two query groups and extra random queries in the pass, every object is scored by the
+    answer to its own group-0 query: a decoder that answers each query with its reference box
+    gives IoU 1 for all of them (a wrong slot would read another object or a random box)."""
+    probe = _load("clockdistill_probe")
+    from common.detr import build_model
+    teacher = build_model("deformable_detr", 5, backbone="tiny", width=8, hidden_dim=32,
+                          nheads=4, enc_layers=1, dec_layers=2, dim_feedforward=64,
+                          num_queries=10, num_feature_levels=3, with_box_refine=True).eval()
+    cfg = probe.clockdistill.CLoCKConfig(query_groups=2, extra_random_queries=3)
+
+    def echo(model, enc, queries):  # (L,N,C) logits, (L,N,4) boxes: each query's own box
+        boxes = torch.cat([q.reference[0] for q in queries if q.content.shape[1]])
+        L = model.cfg.dec_layers
+        return torch.zeros(L, len(boxes), 5), boxes[None].repeat(L, 1, 1)
+    monkeypatch.setattr(probe.clockdistill.CLoCKDistiller, "decode_each", staticmethod(echo))
+    rows = probe.probe(teacher, _TinySet(), cfg, "cpu", batch_size=3)
+    assert len(rows["target-aware"]) == len(rows["own queries"]) == 5
+    for w, correct, iou in rows["target-aware"]:
+        assert w == 0.5 and correct in (True, False) and abs(iou - 1.0) < 1e-6
+    for w, correct, iou in rows["own queries"]:
+        assert 0.0 <= w <= 1.0 and 0.0 <= iou <= 1.0
+    text = probe.summary(rows)
+    assert "| target-aware | 5 | 0.500 |" in text and "100.0% |" in text
