@@ -40,6 +40,9 @@ positive in the denominator (todd omits it: ``--no-ckd-positive-in-denominator``
 is a student-side bias-free linear adapter (the note's shared head f_theta: ``--ckd-shared-head``);
 with ``ckd_embed='roi'`` the CKD gradient also reaches the SGFI adapters. The CKD queue is not
 saved in checkpoints (it refills within ``ckd_queue`` iterations after a resume).
+RoIAlign is torchvision's roi_align(aligned=True), computed as two matrix products per image
+(``roi_align_separable``, tested equal to torchvision's in float64): torchvision's CPU backward
+dominated a training step on the CPU.
 Not implemented: the paper's homogeneous-pair extras (R-CNN prediction KD, class-aware
 regression KD, head transfer) and the torchvision CNN path, an optional extension of the spec.
 
