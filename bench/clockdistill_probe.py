@@ -42,9 +42,7 @@ def probe(teacher, dataset, cfg, device, batch_size=8, max_images=None):
     rows = {"target-aware": [], "own queries": []}
     seen = 0
     for images, masks, targets in loader:
-        images, masks = images.to(device), masks.to(device)
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
+        images, masks, targets = engine.to_device(images, masks, targets, device)
         enc = teacher.encode(images, masks)
         logits, boxes = kd.decode_each(teacher, enc, kd.target_queries(targets, kd.builder_t))
         gt_labels = torch.cat([t["labels"] for t in targets])                  # (N,)

@@ -533,17 +533,18 @@ class GDetKD(nn.Module):
                 r_t = embed(self.teacher, enc_t)
             return embed(self.student, enc_s), r_t
         # decoders without a self-attention mask (Conditional DETR, DAB-DETR): image by image
-        r_s, r_t = [], []
+        r_s, r_t, order = [], [], []
         for b in range(B):
-            sel = image == b
-            if counts[b] == 0:
+            sel = (image == b).nonzero().flatten()
+            if len(sel) == 0:
                 continue
             with torch.no_grad():
                 r_t.append(self.teacher.decode(one_image(enc_t, b), self.roi_queries(
                     self.teacher, box[sel][None])).hs[-1][0])
             r_s.append(self.student.decode(one_image(enc_s, b), self.roi_queries(
                 self.student, box[sel][None])).hs[-1][0])
-        order = torch.argsort(torch.cat([(image == b).nonzero().flatten() for b in range(B)]))
+            order.append(sel)
+        order = torch.argsort(torch.cat(order))                              # back to RoI order
         return torch.cat(r_s)[order], torch.cat(r_t)[order]
 
     def forward(self, images, masks, targets):
