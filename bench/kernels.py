@@ -80,6 +80,7 @@ import torch  # noqa: E402
 
 import anchors  # noqa: E402  (bench/anchors.py)
 from common import ops  # noqa: E402
+from common.matcher import pad_targets  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # Shapes (performance.md 3.2, 3.4 and 1.3)
@@ -686,18 +687,6 @@ def match_inputs(batch, queries, num_targets, device, seed=0):
     targets = [dict(labels=torch.randint(0, MATCH_CLASSES, (num_targets,), generator=g).to(device),
                     boxes=boxes(num_targets).to(device)) for _ in range(batch)]
     return logits.to(device), pred_boxes.to(device), targets
-
-
-def pad_targets(targets, device):
-    """List of dicts -> tgt_labels (B, T_max), tgt_boxes (B, T_max, 4), num_targets (B,)."""
-    sizes = [len(t["labels"]) for t in targets]
-    T = max(sizes, default=0)
-    labels = torch.zeros(len(targets), T, dtype=torch.int64, device=device)
-    boxes = torch.zeros(len(targets), T, 4, device=device)
-    for b, t in enumerate(targets):
-        labels[b, :sizes[b]] = t["labels"]
-        boxes[b, :sizes[b]] = t["boxes"]
-    return labels, boxes, torch.tensor(sizes, dtype=torch.int64).to(device), sizes
 
 
 def cost_weights(class_cost):

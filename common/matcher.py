@@ -39,10 +39,11 @@ def pad_targets(targets: Sequence[Dict[str, torch.Tensor]], device=None):
     B, T = len(targets), max(sizes, default=0)
     labels = torch.zeros(B, T, dtype=torch.int64, device=device)
     boxes = torch.tensor([0.5, 0.5, 1.0, 1.0], device=device).repeat(B, T, 1)  # (B, T, 4)
-    for b, (t, n) in enumerate(zip(targets, sizes)):
-        labels[b, :n] = t["labels"]
-        boxes[b, :n] = t["boxes"].detach()
     num_targets = torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True)
+    if T > 0:  # one scatter for the whole batch: the slots (b, t < sizes[b]) in row-major order
+        real = torch.arange(T, device=device)[None, :] < num_targets[:, None]          # (B, T)
+        labels[real] = torch.cat([t["labels"] for t in targets]).to(device)
+        boxes[real] = torch.cat([t["boxes"] for t in targets]).detach().to(device, boxes.dtype)
     return labels, boxes, num_targets, sizes
 
 
@@ -142,12 +143,16 @@ class HungarianMatcher(nn.Module):
             return [[(empty, empty) for _ in range(B)] for _ in range(L)]
 
         # Costs are computed in fp32 whatever the autocast state (DETR-family convention).
+        def stack(key):  # (L*B, ...): a copy only when there are several layers
+            x = [o[key].detach().float() for o in outputs_list]
+            return x[0] if L == 1 else torch.cat(x)
+
+        def repeat(x):
+            return x if L == 1 else x.repeat(L, *([1] * (x.dim() - 1)))
         with torch.autocast(device.type, enabled=False):
-            logits = torch.cat([o["pred_logits"].detach().float() for o in outputs_list])  # (L*B,Q,C)
-            pred_boxes = torch.cat([o["pred_boxes"].detach().float() for o in outputs_list])
             cost = ops.match_cost(
-                logits, pred_boxes, labels.repeat(L, 1), boxes.repeat(L, 1, 1),
-                num_targets.repeat(L), class_cost=self.class_cost, w_class=self.cost_class,
+                stack("pred_logits"), stack("pred_boxes"), repeat(labels), repeat(boxes),
+                repeat(num_targets), class_cost=self.class_cost, w_class=self.cost_class,
                 w_bbox=self.cost_bbox, w_giou=self.cost_giou, alpha=self.focal_alpha,
                 gamma=self.focal_gamma)                                         # (L*B, Q, T)
             pairs = ops.linear_sum_assignment(cost, sizes * L, validate=self.check_finite)

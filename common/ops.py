@@ -284,6 +284,22 @@ def pairwise_giou_fallback(a, b):
 _CLASS_COSTS = {"focal": 0, "softmax": 1}
 
 
+def _check_target_values(tgt_labels, num_targets, C):
+    """The value checks of match_cost on CPU (the extension makes the same ones in C++)."""
+    B, T = tgt_labels.shape
+    if num_targets.device.type != "cpu" or B == 0:  # on CUDA these checks would sync
+        return
+    counts = num_targets.tolist()
+    if min(counts) < 0 or max(counts) > T:
+        raise ValueError(f"num_targets must lie in [0, T={T}], got {counts}")
+    if T > 0:
+        padded = torch.arange(T)[None, :] >= num_targets[:, None]  # (B, T)
+        lo, hi = (int(v) for v in tgt_labels.masked_fill(padded, 0).aminmax())
+        if lo < 0 or hi >= C:
+            raise ValueError(f"tgt_labels must lie in [0, C={C}) for real targets, got "
+                             f"min {lo}, max {hi}")
+
+
 def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
                class_cost="focal", w_class=2.0, w_bbox=5.0, w_giou=2.0, alpha=0.25, gamma=2.0):
     """The DETR matching cost (Carion et al., arXiv:2005.12872, eq. 1) on each image's own block.
@@ -331,18 +347,9 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
         raise ValueError(f"class_cost must be one of {sorted(_CLASS_COSTS)}, got {class_cost!r}")
     _check_same_device(pred_logits=pred_logits, pred_boxes=pred_boxes, tgt_labels=tgt_labels,
                        tgt_boxes=tgt_boxes, num_targets=num_targets)
-    if num_targets.device.type == "cpu" and B > 0:  # on CUDA these checks would sync
-        counts = num_targets.tolist()
-        if min(counts) < 0 or max(counts) > T:
-            raise ValueError(f"num_targets must lie in [0, T={T}], got {counts}")
-        if T > 0:
-            padded = torch.arange(T)[None, :] >= num_targets[:, None]  # (B, T)
-            lo, hi = (int(v) for v in tgt_labels.masked_fill(padded, 0).aminmax())
-            if lo < 0 or hi >= C:
-                raise ValueError(f"tgt_labels must lie in [0, C={C}) for real targets, got "
-                                 f"min {lo}, max {hi}")
     ext = _ext_for(pred_logits.device)
     if ext is None:
+        _check_target_values(tgt_labels, num_targets, C)
         return match_cost_fallback(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets,
                                    class_cost, w_class, w_bbox, w_giou, alpha, gamma)
     # One float dtype for the kernel: the promoted one (half only on CUDA).
@@ -438,6 +445,8 @@ def linear_sum_assignment(cost, sizes=None, validate=True):
     ext = _ext_for(c.device)
     if ext is None:
         result = linear_sum_assignment_fallback(c, cols)
+    elif c.device.type == "cpu":  # the per-image pairs straight from C++, validated there
+        result = ext.linear_sum_assignment_cpu(c.contiguous(), cols, validate)
     else:
         num_cols = torch.tensor(cols, dtype=torch.int64).to(c.device, non_blocking=True)
         # (B, K) each, K = min(N, M), -1 beyond each image's min(N, cols[b]) assignments

@@ -510,12 +510,50 @@ int solve_image(const S* cost, int64_t N, int64_t M, int64_t nc_valid, bool scal
 }  // namespace lsa
 }  // namespace detrkd
 
-std::vector<at::Tensor> linear_sum_assignment(const at::Tensor& cost, const at::Tensor& num_cols) {
-  using namespace detrkd::lsa;
+namespace {
+
+// Checks shared by both entry points below. The messages name the argument, as ops.py's do.
+void check_assignment_args(const at::Tensor& cost) {
   DETRKD_CHECK_DIM(cost, 3);
-  DETRKD_CHECK_DIM(num_cols, 1);
   TORCH_CHECK(cost.scalar_type() == at::kFloat || cost.scalar_type() == at::kDouble,
               "linear_sum_assignment: cost must be float32 or float64, got ", cost.scalar_type());
+  TORCH_CHECK(cost.size(1) < (int64_t{1} << 30) && cost.size(2) < (int64_t{1} << 30),
+              "linear_sum_assignment: cost has too many rows or columns: ", cost.sizes());
+  DETRKD_CHECK_CONTIGUOUS(cost);
+}
+
+void check_num_cols(const int64_t* ncols, int64_t B, int64_t M) {
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(ncols[b] >= 0 && ncols[b] <= M, "linear_sum_assignment: num_cols[", b, "] = ",
+                ncols[b], " is outside [0, M=", M, "]");
+}
+
+// Solve every image of cost (B, N, M) on the CPU, in parallel over images. Image b writes its
+// min(N, ncols[b]) pairs to rows_of(b) / cols_of(b) and its status to st[b].
+template <typename RowsOf, typename ColsOf>
+void solve_batch_cpu(const at::Tensor& cost, const int64_t* ncols, RowsOf rows_of, ColsOf cols_of,
+                     int32_t* st) {
+  using namespace detrkd::lsa;
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  // DETRKD_LSA_SCALAR=1 runs the scalar code paths (the readable reference of the SIMD ones;
+  // the tests hold them equal).
+  const char* env = std::getenv("DETRKD_LSA_SCALAR");
+  const bool scalar = env != nullptr && env[0] != '\0' && env[0] != '0';
+  AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment", [&] {
+    const scalar_t* base = cost.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        st[b] = solve_image<scalar_t>(base + b * N * M, N, M, ncols[b], scalar, rows_of(b),
+                                      cols_of(b));
+    });
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> linear_sum_assignment(const at::Tensor& cost, const at::Tensor& num_cols) {
+  check_assignment_args(cost);
+  DETRKD_CHECK_DIM(num_cols, 1);
   TORCH_CHECK(num_cols.scalar_type() == at::kLong,
               "linear_sum_assignment: num_cols must be int64, got ", num_cols.scalar_type());
   TORCH_CHECK(num_cols.size(0) == cost.size(0), "linear_sum_assignment: num_cols has ",
@@ -523,9 +561,6 @@ std::vector<at::Tensor> linear_sum_assignment(const at::Tensor& cost, const at::
   TORCH_CHECK(cost.device() == num_cols.device(),
               "linear_sum_assignment: cost and num_cols must be on one device, got ",
               cost.device(), " and ", num_cols.device());
-  TORCH_CHECK(cost.size(1) < (int64_t{1} << 30) && cost.size(2) < (int64_t{1} << 30),
-              "linear_sum_assignment: cost has too many rows or columns: ", cost.sizes());
-  DETRKD_CHECK_CONTIGUOUS(cost);
   DETRKD_CHECK_CONTIGUOUS(num_cols);
 #ifdef WITH_CUDA
   if (cost.is_cuda()) return linear_sum_assignment_cuda(cost, num_cols);
@@ -535,28 +570,56 @@ std::vector<at::Tensor> linear_sum_assignment(const at::Tensor& cost, const at::
 
   const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2), K = std::min(N, M);
   const int64_t* ncols = num_cols.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(ncols[b] >= 0 && ncols[b] <= M, "linear_sum_assignment: num_cols[", b, "] = ",
-                ncols[b], " is outside [0, M=", M, "]");
+  check_num_cols(ncols, B, M);
   auto opts = cost.options().dtype(at::kLong);
   at::Tensor row_ind = at::full({B, K}, -1, opts);
   at::Tensor col_ind = at::full({B, K}, -1, opts);
   at::Tensor status = at::zeros({B}, cost.options().dtype(at::kInt));
   int64_t* rows = row_ind.data_ptr<int64_t>();
   int64_t* cols = col_ind.data_ptr<int64_t>();
-  int32_t* st = status.data_ptr<int32_t>();
-  // DETRKD_LSA_SCALAR=1 runs the scalar code paths (the readable reference of the SIMD ones;
-  // the tests hold them equal).
-  const char* env = std::getenv("DETRKD_LSA_SCALAR");
-  const bool scalar = env != nullptr && env[0] != '\0' && env[0] != '0';
-
-  AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment", [&] {
-    const scalar_t* base = cost.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        st[b] = solve_image<scalar_t>(base + b * N * M, N, M, ncols[b], scalar, rows + b * K,
-                                      cols + b * K);
-    });
-  });
+  solve_batch_cpu(
+      cost, ncols, [&](int64_t b) { return rows + b * K; }, [&](int64_t b) { return cols + b * K; },
+      status.data_ptr<int32_t>());
   return {row_ind, col_ind, status};
+}
+
+std::vector<std::tuple<at::Tensor, at::Tensor>> linear_sum_assignment_cpu(
+    const at::Tensor& cost, const std::vector<int64_t>& num_cols, bool validate) {
+  using namespace detrkd::lsa;
+  check_assignment_args(cost);
+  TORCH_CHECK(cost.device().is_cpu(), "linear_sum_assignment_cpu: cost must be on the CPU, got ",
+              cost.device());
+  const int64_t B = cost.size(0), N = cost.size(1), M = cost.size(2);
+  TORCH_CHECK(static_cast<int64_t>(num_cols.size()) == B, "linear_sum_assignment: num_cols has ",
+              num_cols.size(), " entries, expected one per image (B=", B, ")");
+  check_num_cols(num_cols.data(), B, M);
+  // The per-image results are allocated here and written by the solver in place: no (B, K)
+  // intermediate to split afterwards (at DETR's sizes that split cost as much as a solve).
+  std::vector<std::tuple<at::Tensor, at::Tensor>> out;
+  out.reserve(B);
+  std::vector<int64_t*> rows(B), cols(B);
+  auto opts = cost.options().dtype(at::kLong);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t k = std::min(N, num_cols[b]);
+    out.emplace_back(at::empty({k}, opts), at::empty({k}, opts));
+    rows[b] = std::get<0>(out.back()).data_ptr<int64_t>();
+    cols[b] = std::get<1>(out.back()).data_ptr<int64_t>();
+  }
+  std::vector<int32_t> status(B, kOk);
+  solve_batch_cpu(
+      cost, num_cols.data(), [&](int64_t b) { return rows[b]; }, [&](int64_t b) { return cols[b]; },
+      status.data());
+  std::vector<int64_t> bad;
+  for (int64_t b = 0; b < B; ++b) {
+    if (status[b] == kOk) continue;
+    bad.push_back(b);
+    std::get<0>(out[b]).fill_(-1);  // as the batched entry point: -1 where nothing was solved
+    std::get<1>(out[b]).fill_(-1);
+  }
+  if (validate && !bad.empty()) {
+    TORCH_CHECK_VALUE(false, "cost of image ", bad[0], " ",
+                      status[bad[0]] == kNonFinite ? "contains NaN or inf" : "is infeasible",
+                      " (images with a problem: ", at::IntArrayRef(bad), ")");
+  }
+  return out;
 }

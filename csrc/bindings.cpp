@@ -18,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("match_cost", &match_cost);
   m.def("pairwise_giou", &pairwise_giou);
   m.def("linear_sum_assignment", &linear_sum_assignment);
+  m.def("linear_sum_assignment_cpu", &linear_sum_assignment_cpu);
 }

@@ -4,13 +4,12 @@
 // (B x Q x T_max with per-image target counts), never the (B*Q x sum T) matrix of the reference
 // DETR matcher. The per-pair math lives in box_math.h and is shared with match_cost_cuda.cu.
 //
-// CPU kernel layout: at::parallel_for runs over blocks of kRows queries of one image. Per block,
-// three branch-free loops over contiguous arrays that the compiler vectorizes (`omp simd`),
-// box_math.h's float exp/log included: gather the logits of the targets' classes, the focal class
-// cost flat over the whole (kRows x targets) block (most of the arithmetic, so it runs whole
-// vectors whatever the target count), then the L1 and GIoU terms per query row against the
-// image's targets held as structure of arrays. Each prediction box is converted once, each
-// softmax logsumexp taken once.
+// CPU kernel layout: at::parallel_for runs over blocks of kRows queries of one image. Within a
+// block the queries run along the vector lanes, so the branch-free loops that the compiler
+// vectorizes (`omp simd`, box_math.h's float exp/log included) run whole vectors whatever the
+// number of targets: the class cost once per distinct class of the image's targets, then the L1
+// and GIoU terms one target at a time. Each box is converted once, each softmax logsumexp taken
+// once (match_cost_block below).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -78,135 +77,185 @@ void check_match_cost_args(const at::Tensor& pred_logits, const at::Tensor& pred
   DETRKD_CHECK_CONTIGUOUS(num_targets);
 }
 
-// Values the CPU kernel would otherwise read out of bounds: checked here, on the host. (The CUDA
-// kernel cannot check without a device sync; it writes NaN instead, see match_cost_cuda.cu.)
+// Values the CPU kernel would otherwise read out of bounds: checked here, on the host, raising
+// ValueError in Python. (The CUDA kernel cannot check without a device sync; it writes NaN
+// instead, see match_cost_cuda.cu.)
 void check_match_cost_values_cpu(const at::Tensor& tgt_labels, const at::Tensor& num_targets,
                                  int64_t C) {
   const int64_t B = tgt_labels.size(0), T = tgt_labels.size(1);
   const int64_t* n = num_targets.data_ptr<int64_t>();
   const int64_t* labels = tgt_labels.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(n[b] >= 0 && n[b] <= T, "num_targets must lie in [0, T=", T, "], got ", n[b],
+    TORCH_CHECK_VALUE(n[b] >= 0 && n[b] <= T, "num_targets must lie in [0, T=", T, "], got ", n[b],
                 " for image ", b);
     for (int64_t t = 0; t < n[b]; ++t) {
-      TORCH_CHECK(labels[b * T + t] >= 0 && labels[b * T + t] < C, "tgt_labels must lie in [0, C=",
+      TORCH_CHECK_VALUE(labels[b * T + t] >= 0 && labels[b * T + t] < C, "tgt_labels must lie in [0, C=",
                   C, ") for real targets, got ", labels[b * T + t], " at image ", b, ", target ",
                   t);
     }
   }
 }
 
-// The kernel pads each image's target count n to n_pad, a multiple of kLanes (8 floats = one
-// AVX2 vector; with AVX-512 the compiler runs 16 at a time plus one 8-wide step), so that the
-// loops over targets always run whole vectors. Padded targets are the unit box with label 0;
-// their costs are computed and thrown away.
-constexpr int64_t kLanes = 8;
+// The CPU kernel runs the queries along the vector lanes: a block of R <= kRows queries of one
+// image is padded to Rp = R rounded up to kLanes (16 floats = one AVX-512 vector, two AVX2 ones),
+// and every inner loop runs over those Rp queries for one target (or one class), the target's
+// values broadcast. The loops thus run whole vectors whatever the number of targets; only the
+// last block of an image has padded queries (unit boxes with logit 0; their costs are dropped).
+constexpr int64_t kLanes = 16;
 
-// Queries per block: a block's logit rows (kRows x C floats), its (kRows x n_pad) cost scratch
-// and the image's target arrays stay in the L1 cache while the block's three passes run.
+// Queries per block: the block's scratch (two (T, kRows) arrays) and the image's targets stay in
+// the L1 cache while the block's passes run.
 constexpr int64_t kRows = 32;
 
 int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 
-// One image's targets as structure of arrays (cx, cy, w, h, x1, y1, x2, y2, area, label), each
-// (T_pad,), so that a loop over targets reads each field contiguously.
+// One image's n targets as structure of arrays (cx, cy, w, h, x1, y1, x2, y2, area), and its
+// distinct classes: classes[u] is the u-th distinct label in order of first appearance and
+// slot[t] the u of target t. The class cost depends on the query and the class only, so it is
+// computed once per distinct class (COCO images often hold many objects of one class).
 template <typename scalar_t>
 struct ImageTargets {
-  std::vector<scalar_t> data;  // 9 fields x T_pad
-  std::vector<int32_t> label;  // (T_pad,)
+  std::vector<scalar_t> data;  // 9 fields x T
+  std::vector<int32_t> classes, slot;
+  std::vector<int32_t> slot_of_class;  // (C,) scratch for the deduplication, -1 = unseen
   scalar_t *cx, *cy, *w, *h, *x1, *y1, *x2, *y2, *area;
+  int64_t n = 0;  // targets
+  int64_t U = 0;  // distinct classes
 
-  explicit ImageTargets(int64_t T_pad) : data(9 * T_pad), label(T_pad) {
+  ImageTargets(int64_t T, int64_t C) : data(9 * T), classes(T), slot(T), slot_of_class(C, -1) {
     scalar_t* d = data.data();
-    cx = d, cy = d + T_pad, w = d + 2 * T_pad, h = d + 3 * T_pad, x1 = d + 4 * T_pad;
-    y1 = d + 5 * T_pad, x2 = d + 6 * T_pad, y2 = d + 7 * T_pad, area = d + 8 * T_pad;
+    cx = d, cy = d + T, w = d + 2 * T, h = d + 3 * T, x1 = d + 4 * T;
+    y1 = d + 5 * T, x2 = d + 6 * T, y2 = d + 7 * T, area = d + 8 * T;
   }
 
-  // Fill from image b's first n targets (labels already checked to lie in [0, C)) and pad up to
-  // n_pad. boxes: (T, 4) cxcywh and labels: (T,) of this image.
-  void load(const scalar_t* boxes, const int64_t* labels, int64_t n, int64_t n_pad) {
+  // Fill from image b's first n targets (labels already checked to lie in [0, C)).
+  // boxes: (T, 4) cxcywh and labels: (T,) of this image.
+  void load(const scalar_t* boxes, const int64_t* labels, int64_t n_targets) {
     using namespace detrkd;
-    for (int64_t t = 0; t < n_pad; ++t) {
-      if (t < n) {
-        cx[t] = boxes[4 * t], cy[t] = boxes[4 * t + 1], w[t] = boxes[4 * t + 2];
-        h[t] = boxes[4 * t + 3];
-        label[t] = static_cast<int32_t>(labels[t]);
-      } else {
-        cx[t] = cy[t] = scalar_t(0.5), w[t] = h[t] = scalar_t(1);
-        label[t] = 0;
-      }
+    n = n_targets;
+    U = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      cx[t] = boxes[4 * t], cy[t] = boxes[4 * t + 1], w[t] = boxes[4 * t + 2];
+      h[t] = boxes[4 * t + 3];
       cxcywh_to_xyxy(cx[t], cy[t], w[t], h[t], x1[t], y1[t], x2[t], y2[t]);
       area[t] = box_area(x1[t], y1[t], x2[t], y2[t]);
+      const int64_t label = labels[t];
+      if (slot_of_class[label] < 0) {
+        slot_of_class[label] = static_cast<int32_t>(U);
+        classes[U++] = static_cast<int32_t>(label);
+      }
+      slot[t] = slot_of_class[label];
     }
+    for (int64_t u = 0; u < U; ++u) slot_of_class[classes[u]] = -1;  // reset
   }
 };
 
-// One block of R <= kRows queries of one image against its n targets, in three passes over a
-// (R, n_pad) scratch S, each a plain loop the compiler vectorizes:
-//   1. gather:  S[r, t] = logit[r, label_t]                       (softmax: the class cost, -p)
-//   2. class:   S[r, t] = w_class * focal(S[r, t]), flat over all R * n_pad entries (focal only:
-//               its exp and two logs are most of the work, and a flat loop runs whole vectors
-//               whatever n is)
-//   3. boxes:   S[r, t] += w_bbox * L1 - w_giou * GIoU, per query row, pred box broadcast
-// then the row's first n entries are copied out and its padded targets set to 0.
-// logits: (R, C), boxes: (R, 4) cxcywh, out: (R, T).
+// Scratch of one thread: the class costs G (U, Rp), the pair costs S (n, Rp), the block's
+// prediction boxes as structure of arrays (9 fields x kRows) and, for softmax, each query's
+// logsumexp (kRows).
+template <typename scalar_t>
+struct BlockScratch {
+  std::vector<scalar_t> G, S, pred, lse;
+  scalar_t *pcx, *pcy, *pw, *ph, *px1, *py1, *px2, *py2, *parea;
+  explicit BlockScratch(int64_t T) : G(T * kRows), S(T * kRows), pred(9 * kRows), lse(kRows) {
+    scalar_t* d = pred.data();
+    pcx = d, pcy = d + kRows, pw = d + 2 * kRows, ph = d + 3 * kRows, px1 = d + 4 * kRows;
+    py1 = d + 5 * kRows, px2 = d + 6 * kRows, py2 = d + 7 * kRows, parea = d + 8 * kRows;
+  }
+};
+
+// One block of R <= kRows queries of one image against its n >= 1 targets:
+//   0. the prediction boxes as structure of arrays (corners and area once per box);
+//   1. gather:  G[u, r] = logit[r, classes_u]                  (softmax also: lse_r per query)
+//   2. class:   G[u, r] = focal(G[u, r])  or  -exp(G[u, r] - lse_r)      (box_math.h)
+//   3. boxes:   S[t, r] = w_class * G[slot_t, r] + w_bbox * L1 - w_giou * GIoU   (box_math.h)
+//   4. out[r, t] = S[t, r] for t < n, 0 for the padded targets t in [n, T).
+// Passes 2 and 3 are plain loops over r that the compiler vectorizes (`omp simd`), box_math.h's
+// float exp/log included. logits: (R, C), boxes: (R, 4) cxcywh, out: (R, T).
 template <typename scalar_t>
 void match_cost_block(const scalar_t* logits, const scalar_t* boxes, int64_t R, int64_t C,
-                      int64_t T, const ImageTargets<scalar_t>& tg, int64_t n, int64_t class_mode,
+                      int64_t T, const ImageTargets<scalar_t>& tg, int64_t class_mode,
                       scalar_t w_class, scalar_t w_bbox, scalar_t w_giou, scalar_t alpha,
-                      scalar_t gamma, scalar_t* S, scalar_t* out) {
+                      scalar_t gamma, BlockScratch<scalar_t>& sc, scalar_t* out) {
   using namespace detrkd;
-  const int64_t n_pad = round_up(n, kLanes);
-  const int32_t* label = tg.label.data();
+  const int64_t Rp = round_up(R, kLanes), n = tg.n, U = tg.U;
+  scalar_t* G = sc.G.data();  // (U, Rp)
+  scalar_t* S = sc.S.data();  // (n, Rp)
 
-  // 1. Gather each query's logits of the targets' classes. A plain scalar loop on purpose: forced
-  //    into vector gather instructions (`omp simd`) it ran the whole kernel ~1.5x slower here.
-  for (int64_t r = 0; r < R; ++r) {
-    const scalar_t* x = logits + r * C;  // (C,)
-    scalar_t* s = S + r * n_pad;         // (n_pad,)
-    for (int64_t t = 0; t < n_pad; ++t) s[t] = x[label[t]];
-    if (class_mode == kSoftmax) {
-      // -softmax(x)[label_t] = -exp(x[label_t] - logsumexp(x)), the logsumexp once per query.
+  // 0. Prediction boxes; padded queries get the unit box.
+  for (int64_t r = 0; r < Rp; ++r) {
+    const bool real = r < R;
+    sc.pcx[r] = real ? boxes[4 * r] : scalar_t(0.5);
+    sc.pcy[r] = real ? boxes[4 * r + 1] : scalar_t(0.5);
+    sc.pw[r] = real ? boxes[4 * r + 2] : scalar_t(1);
+    sc.ph[r] = real ? boxes[4 * r + 3] : scalar_t(1);
+    cxcywh_to_xyxy(sc.pcx[r], sc.pcy[r], sc.pw[r], sc.ph[r], sc.px1[r], sc.py1[r], sc.px2[r],
+                   sc.py2[r]);
+    sc.parea[r] = box_area(sc.px1[r], sc.py1[r], sc.px2[r], sc.py2[r]);
+  }
+
+  // 1. Gather each distinct class's logit for every query (strided scalar loads: forced into
+  //    vector gather instructions they ran slower here); padded queries read logit 0.
+  for (int64_t u = 0; u < U; ++u) {
+    const scalar_t* x = logits + tg.classes[u];  // column classes_u of the (R, C) logits
+    scalar_t* g = G + u * Rp;                     // (Rp,)
+    for (int64_t r = 0; r < R; ++r) g[r] = x[r * C];
+    std::fill(g + R, g + Rp, scalar_t(0));
+  }
+
+  // 2. Class cost.
+  if (class_mode == kSoftmax) {
+    // -softmax(x)[c] = -exp(x[c] - logsumexp(x)), the logsumexp once per query.
+    scalar_t* lse = sc.lse.data();
+    for (int64_t r = 0; r < Rp; ++r) {
+      if (r >= R) {
+        lse[r] = 0;
+        continue;
+      }
+      const scalar_t* x = logits + r * C;  // (C,)
       scalar_t mx = x[0];
 #pragma omp simd reduction(max : mx)
       for (int64_t c = 0; c < C; ++c) mx = x[c] > mx ? x[c] : mx;
       scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < C; ++c) sum += dk_exp(x[c] - mx);
-      const scalar_t lse = mx + dk_log(sum);
-#pragma omp simd
-      for (int64_t t = 0; t < n_pad; ++t) s[t] = w_class * softmax_class_cost(s[t], lse);
+      lse[r] = mx + dk_log(sum);
     }
-  }
-
-  // 2. Focal class cost, flat over the block.
-  if (class_mode == kFocal) {
-    const int64_t count = R * n_pad;
+    for (int64_t u = 0; u < U; ++u) {
+      scalar_t* g = G + u * Rp;
+#pragma omp simd
+      for (int64_t r = 0; r < Rp; ++r) g[r] = softmax_class_cost(g[r], lse[r]);
+    }
+  } else {  // focal: its exp and two logs are most of the arithmetic
+    const int64_t count = U * Rp;
     if (gamma == scalar_t(2)) {
 #pragma omp simd
-      for (int64_t i = 0; i < count; ++i) S[i] = w_class * focal_class_cost<true>(S[i], alpha, gamma);
+      for (int64_t i = 0; i < count; ++i) G[i] = focal_class_cost<true>(G[i], alpha, gamma);
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < count; ++i) S[i] = w_class * focal_class_cost<false>(S[i], alpha, gamma);
+      for (int64_t i = 0; i < count; ++i) G[i] = focal_class_cost<false>(G[i], alpha, gamma);
     }
   }
 
-  // 3. Box costs, one query row at a time.
-  for (int64_t r = 0; r < R; ++r) {
-    const scalar_t pcx = boxes[4 * r], pcy = boxes[4 * r + 1];
-    const scalar_t pw = boxes[4 * r + 2], ph = boxes[4 * r + 3];
-    scalar_t px1, py1, px2, py2;
-    cxcywh_to_xyxy(pcx, pcy, pw, ph, px1, py1, px2, py2);
-    const scalar_t parea = box_area(px1, py1, px2, py2);
-    scalar_t* s = S + r * n_pad;  // (n_pad,): the weighted class cost so far
+  // 3. Box costs, one target at a time, its box broadcast over the queries.
+  for (int64_t t = 0; t < n; ++t) {
+    const scalar_t* g = G + tg.slot[t] * Rp;  // (Rp,) class cost of target t's class
+    scalar_t* s = S + t * Rp;                  // (Rp,)
+    const scalar_t tcx = tg.cx[t], tcy = tg.cy[t], tw = tg.w[t], th = tg.h[t];
+    const scalar_t tx1 = tg.x1[t], ty1 = tg.y1[t], tx2 = tg.x2[t], ty2 = tg.y2[t];
+    const scalar_t tarea = tg.area[t];
 #pragma omp simd
-    for (int64_t t = 0; t < n_pad; ++t) {
-      s[t] = pair_match_cost(s[t], pcx, pcy, pw, ph, px1, py1, px2, py2, parea, tg.cx[t],
-                             tg.cy[t], tg.w[t], tg.h[t], tg.x1[t], tg.y1[t], tg.x2[t], tg.y2[t],
-                             tg.area[t], scalar_t(1), w_bbox, w_giou);
+    for (int64_t r = 0; r < Rp; ++r) {
+      s[r] = pair_match_cost(g[r], sc.pcx[r], sc.pcy[r], sc.pw[r], sc.ph[r], sc.px1[r],
+                             sc.py1[r], sc.px2[r], sc.py2[r], sc.parea[r], tcx, tcy, tw, th, tx1,
+                             ty1, tx2, ty2, tarea, w_class, w_bbox, w_giou);
     }
+  }
+
+  // 4. Back to the (R, T) layout of the output.
+  for (int64_t r = 0; r < R; ++r) {
     scalar_t* o = out + r * T;  // (T,)
-    std::copy(s, s + n, o);
+    for (int64_t t = 0; t < n; ++t) o[t] = S[t * Rp + r];
     std::fill(o + n, o + T, scalar_t(0));  // padded targets
   }
 }
@@ -225,16 +274,15 @@ void match_cost_cpu_kernel(const at::Tensor& pred_logits, const at::Tensor& pred
   const scalar_t* tboxes = tgt_boxes.data_ptr<scalar_t>();    // (B, T, 4) cxcywh
   const int64_t* n_tgt = num_targets.data_ptr<int64_t>();     // (B,)
   scalar_t* out = cost.data_ptr<scalar_t>();                  // (B, Q, T)
-  const int64_t T_pad = round_up(T, kLanes);
 
   // Work units: blocks of kRows queries of one image, unit u = b * blocks + block.
   const int64_t blocks = (Q + kRows - 1) / kRows;
   const int64_t unit_work = kRows * (T + (class_mode == kSoftmax ? C : 0) + 1);
   const int64_t grain = std::max<int64_t>(1, 32768 / unit_work);
   at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
-    ImageTargets<scalar_t> tg(T_pad);
-    std::vector<scalar_t> S(kRows * T_pad);  // (kRows, n_pad) scratch
-    int64_t loaded = -1;                     // the image whose targets tg holds
+    ImageTargets<scalar_t> tg(T, C);
+    BlockScratch<scalar_t> scratch(T);
+    int64_t loaded = -1;  // the image whose targets tg holds
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / blocks, q0 = (u % blocks) * kRows;
       const int64_t R = std::min(kRows, Q - q0), n = n_tgt[b];
@@ -244,11 +292,11 @@ void match_cost_cpu_kernel(const at::Tensor& pred_logits, const at::Tensor& pred
         continue;
       }
       if (b != loaded) {
-        tg.load(tboxes + b * T * 4, labels + b * T, n, round_up(n, kLanes));
+        tg.load(tboxes + b * T * 4, labels + b * T, n);
         loaded = b;
       }
-      match_cost_block(logits + (b * Q + q0) * C, boxes + (b * Q + q0) * 4, R, C, T, tg, n,
-                       class_mode, w_class, w_bbox, w_giou, alpha, gamma, S.data(), o);
+      match_cost_block(logits + (b * Q + q0) * C, boxes + (b * Q + q0) * 4, R, C, T, tg,
+                       class_mode, w_class, w_bbox, w_giou, alpha, gamma, scratch, o);
     }
   });
 }

@@ -36,3 +36,7 @@ std::vector<at::Tensor> pairwise_giou(const at::Tensor& boxes1, const at::Tensor
 //   -> {row_ind (B,K), col_ind (B,K), status (B,) int32}, K = min(N, M); rows of image b
 //   beyond min(N, num_cols[b]) are -1; status 0 = ok, 1 = non-finite cost, 2 = infeasible.
 std::vector<at::Tensor> linear_sum_assignment(const at::Tensor& cost, const at::Tensor& num_cols);
+// CPU only: the per-image (row_ind, col_ind) pairs directly; validate raises ValueError for a
+// non-finite or infeasible image (common/ops.py's message).
+std::vector<std::tuple<at::Tensor, at::Tensor>> linear_sum_assignment_cpu(
+    const at::Tensor& cost, const std::vector<int64_t>& num_cols, bool validate);

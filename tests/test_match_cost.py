@@ -146,6 +146,25 @@ def test_match_cost_detr_sized(backend, class_cost):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("class_cost", ["focal", "softmax"])
+@pytest.mark.parametrize("Q", [1, 16, 33, 45])
+def test_match_cost_shared_and_distinct_classes(backend, class_cost, Q):
+    # The CPU kernel computes the class cost once per distinct class of an image and runs the
+    # queries along 16-lane vectors in blocks of 32: one class for all targets, all classes
+    # distinct, and a mix, with query counts that leave blocks part-filled.
+    logits, pb, labels, tb, n = random_inputs(B=3, Q=Q, C=40, T=24, num_targets=[24, 24, 13],
+                                              seed=21)
+    labels[0] = 5                         # 24 targets of one class
+    labels[1] = torch.randperm(40)[:24]   # 24 distinct classes
+    labels[2, :13] = torch.tensor([3, 3, 7, 3, 0, 7, 7, 39, 0, 3, 12, 12, 3])
+    inputs = (logits, pb, labels, tb, n)
+    cost = run(backend, inputs, class_cost=class_cost)
+    ref = reference_cost(*inputs, class_cost, 2.0, 5.0, 2.0, 0.25, 2.0)
+    assert_close_to_reference(cost, ref, torch.float32)
+    assert (cost[2, :, 13:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("class_cost", ["focal", "softmax"])
 def test_match_cost_extreme_logits(backend, class_cost):
     # |logit| up to 40: sigmoid saturates in float32, the 1e-8 inside the logs takes over
     inputs = random_inputs(B=2, Q=64, C=5, T=9, num_targets=[9, 4], seed=3, logit_scale=15.0)
@@ -295,11 +314,11 @@ def test_match_cost_unknown_class_cost():
 def test_extension_checks_values_when_called_directly():
     args = _good()
     args["tgt_labels"][0, 0] = 99
-    with pytest.raises(RuntimeError, match="tgt_labels"):
+    with pytest.raises(ValueError, match="tgt_labels"):
         ops._C.match_cost(*args.values(), 0, 2.0, 5.0, 2.0, 0.25, 2.0)
     args = _good()
     args["num_targets"][1] = 5
-    with pytest.raises(RuntimeError, match="num_targets"):
+    with pytest.raises(ValueError, match="num_targets"):
         ops._C.match_cost(*args.values(), 1, 2.0, 5.0, 2.0, 0.25, 2.0)
 
 
