@@ -13,8 +13,9 @@ target's class (Deformable DETR, Conditional DETR, DAB-DETR, DINO):
 The official matchers build one (B*Q, sum T) cost matrix for the whole batch, copy it to the
 host and run scipy per image. Here the cost is built only on each image's own (Q, T_max) block
 by ``common.ops.match_cost`` and every block is solved by one batched
-``common.ops.linear_sum_assignment`` call. ``match_layers`` stacks several decoder layers (which
-share the targets) into that same single pair of calls.
+``common.ops.linear_sum_assignment`` call. ``match_layers`` matches several decoder layers (which
+share the targets) after padding the targets once; on CUDA it stacks them into that same single
+pair of calls.
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -120,7 +121,9 @@ class HungarianMatcher(nn.Module):
     def match_layers(self, outputs_list: Sequence[Dict[str, torch.Tensor]], targets
                      ) -> List[Indices]:
         """Match L sets of predictions of equal shape (e.g. all decoder layers) against the same
-        targets with one ``match_cost`` and one ``linear_sum_assignment`` call.
+        targets, padded once. On CUDA the layers are stacked into one ``match_cost`` and one
+        ``linear_sum_assignment`` call; on the CPU they are matched one by one (stacking would
+        copy every layer's logits, which costs more there than the calls it saves).
 
         Returns a list of L results, each as ``forward`` returns.
         """
@@ -142,14 +145,24 @@ class HungarianMatcher(nn.Module):
             empty = torch.zeros(0, dtype=torch.int64, device=device)
             return [[(empty, empty) for _ in range(B)] for _ in range(L)]
 
-        # Costs are computed in fp32 whatever the autocast state (DETR-family convention).
-        def stack(key):  # (L*B, ...): a copy only when there are several layers
+        # On the GPU all layers go through one match_cost and one assignment call (one launch
+        # each, one sync); on the CPU layer by layer, which costs no copy of the predictions.
+        groups = [outputs_list] if device.type != "cpu" else [[o] for o in outputs_list]
+        return [pairs for group in groups
+                for pairs in self._match_stacked(group, labels, boxes, num_targets, sizes)]
+
+    def _match_stacked(self, outputs_list, labels, boxes, num_targets, sizes) -> List[Indices]:
+        """One match_cost and one assignment call for the L layers of outputs_list, stacked
+        along the batch (a copy of the predictions only when L > 1)."""
+        L, B = len(outputs_list), len(sizes)
+
+        def stack(key):  # (L*B, ...) in fp32, the DETR-family convention for costs
             x = [o[key].detach().float() for o in outputs_list]
             return x[0] if L == 1 else torch.cat(x)
 
         def repeat(x):
             return x if L == 1 else x.repeat(L, *([1] * (x.dim() - 1)))
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(labels.device.type, enabled=False):  # the fallback's ops too
             cost = ops.match_cost(
                 stack("pred_logits"), stack("pred_boxes"), repeat(labels), repeat(boxes),
                 repeat(num_targets), class_cost=self.class_cost, w_class=self.cost_class,

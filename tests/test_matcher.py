@@ -10,7 +10,7 @@ import scipy.optimize
 import torch
 from torchvision.ops import box_convert, generalized_box_iou
 
-from common.matcher import HungarianMatcher
+from common.matcher import HungarianMatcher, pad_targets
 
 
 def random_boxes(*shape):
@@ -102,10 +102,15 @@ def test_stacked_layers_equal_per_layer_calls():
     matcher = HungarianMatcher(2, 5, 2)
     stacked = matcher.match_layers(layers, targets)
     assert len(stacked) == len(layers)
-    for outputs, got in zip(layers, stacked):
+    # the stacked calls that match_layers makes on CUDA, run here on the CPU
+    padded = pad_targets(targets)
+    one_call = matcher._match_stacked(layers, *padded)
+    assert len(one_call) == len(layers)
+    for outputs, got, got_one_call in zip(layers, stacked, one_call):
         expected = matcher(outputs, targets)
-        for (q1, t1), (q2, t2) in zip(got, expected):
+        for (q1, t1), (q2, t2), (q3, t3) in zip(got, expected, got_one_call):
             assert torch.equal(q1, q2) and torch.equal(t1, t2)
+            assert torch.equal(q3, q2) and torch.equal(t3, t2)
 
 
 def test_no_grad_and_fp32_under_autocast():
