@@ -66,6 +66,30 @@ def test_quick_run_passes_parity_and_writes_json(tmp_path):
     for section in ("msda", "cost", "lsa", "match"):
         ours = [p for p in data["parity"] if p["section"] == section and p["contender"] == "ours"]
         assert ours, section
+    # Interleaved groups (the targets' ratios): every contender timed in every round.
+    if data["paired"]:
+        assert {g["section"] for g in data["paired"]} == {"msda", "lsa"}
+        for g in data["paired"]:
+            assert g["baseline"] in g["times"] and "ours" in g["times"]
+            assert all(len(t) == g["rounds"] and min(t) > 0 for t in g["times"].values())
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios(kernels):
+    class Args:
+        threads, slow_reps, quick = 1, 3, True
+    bench = kernels.Bench.__new__(kernels.Bench)
+    bench.args, bench.paired = Args(), []
+    # rounds where the machine is 1x, 2x and 3x slower: the per-round ratios stay put
+    times = {"ours": [1.0, 2.0, 3.0, 1.0, 1.0], "a": [4.0, 8.0, 15.0, 3.0, 4.0],
+             "b": [5.0, 7.0, 12.0, 5.0, 2.0]}
+    bench.paired.append(dict(section="lsa", case="c", variant="", threads=1, times=times,
+                             baseline="a", rounds=5))
+    r = bench.paired_ratio("lsa", "c", ["a"], "ours")
+    assert (r["median"], r["min"], r["max"], r["rounds"]) == (4.0, 3.0, 5.0, 5)
+    r = bench.paired_ratio("lsa", "c", ["a", "b"], "ours")  # the faster of a and b per round
+    assert (r["median"], r["min"], r["max"]) == (3.5, 2.0, 4.0)
+    assert bench.paired_ratio("lsa", "c", ["lapx"], "ours") is None
+    assert bench.paired_ratio("msda", "c", ["a"], "ours") is None
 
 
 def test_bad_arguments_give_clear_errors(kernels, capsys):
