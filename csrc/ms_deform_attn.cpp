@@ -16,6 +16,8 @@
 namespace {
 
 using detrkd::msda::bilinear_corners;
+using detrkd::msda::bilinear_taps;
+using detrkd::msda::Taps;
 using detrkd::msda::Corners;
 
 struct Dims {
@@ -118,12 +120,16 @@ Dims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
 // compile time (the common 32 and 64) so those loops unroll completely.
 // ---------------------------------------------------------------------------------------------
 
-// Prefetches the n elements at p into cache, for reading (RW = 0) or writing (RW = 1).
+// Prefetches the n elements at p, for reading (RW = 0) or writing (RW = 1). Locality 2 asks
+// for the L2 (prefetcht1), not the L1: an item's 16 points touch up to 128 cache lines, more
+// than the L1 can have in flight, and the L2 can track more outstanding misses. On the CPU
+// machine of bench/RESULTS.md (section 1) this was clearly faster than locality 3 at the
+// encoder shape, forward and backward, clustered and uniform locations alike.
 template <int RW, typename scalar_t>
 inline void prefetch_row(const scalar_t* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(scalar_t)); off += 64) {
-    __builtin_prefetch(c + off, RW, 3);
+    __builtin_prefetch(c + off, RW, 2);
   }
 }
 
@@ -137,6 +143,9 @@ struct ForwardTap {
 
 // Forward, parallel over (b, q):
 //   out[b, q, h, :] = sum_{l, p} sum_c (A * w_c) * V[corner c]     (one pass per point)
+// An item's corners and weights are computed for all its points at once, in a loop that the
+// compiler vectorizes (bilinear_taps has no branches), into structure-of-arrays scratch; then
+// a short scalar loop turns them into row pointers and issues the prefetches.
 template <typename scalar_t, int DH>
 void forward_cpu(const Dims& d, const scalar_t* value, const int64_t* shapes,
                  const int64_t* starts, const scalar_t* loc, const scalar_t* attn,
@@ -145,26 +154,50 @@ void forward_cpu(const Dims& d, const scalar_t* value, const int64_t* shapes,
   const int64_t LP = d.L * d.P;
   const int64_t row_stride = d.H * Dh;  // between consecutive spatial rows of one head
   const std::vector<scalar_t> zeros(Dh, scalar_t(0));
+  // Per point j = l * P + p of an item: its level's height, width and first row offset.
+  std::vector<int64_t> level_h(LP), level_w(LP), level_offset(LP);
+  for (int64_t j = 0; j < LP; ++j) {
+    const int64_t l = j / d.P;
+    level_h[j] = shapes[2 * l], level_w[j] = shapes[2 * l + 1];
+    level_offset[j] = starts[l] * row_stride;
+  }
   at::parallel_for(0, d.B * d.Q, 16, [&](int64_t begin, int64_t end) {
     std::vector<ForwardTap<scalar_t>> taps(2 * LP);  // items i and i + 1
+    std::vector<int64_t> rows(4 * LP);      // (4, LP): corner c of point j at c * LP + j, -1 outside
+    std::vector<scalar_t> weights(4 * LP);  // (4, LP): A * w_c, 0 outside the map
     // Prepares item bqh = (b * Q + q) * H + h: its points are bqh * LP ... + LP - 1.
     const auto gather = [&](int64_t bqh, ForwardTap<scalar_t>* tap) {
       const int64_t b = bqh / (d.Q * d.H), h = bqh % d.H;
       const scalar_t* v_bh = value + (b * d.S * d.H + h) * Dh;  // row r: v_bh + r * row_stride
-      Corners<scalar_t> k;
-      for (int64_t l = 0; l < d.L; ++l) {
-        const scalar_t* v_l = v_bh + starts[l] * row_stride;
-        for (int64_t p = 0; p < d.P; ++p) {
-          const int64_t pt = bqh * LP + l * d.P + p;
-          ForwardTap<scalar_t>& t = tap[l * d.P + p];
-          const bool any = bilinear_corners(loc[2 * pt], loc[2 * pt + 1], shapes[2 * l],
-                                            shapes[2 * l + 1], k);
-          for (int c = 0; c < 4; ++c) {
-            const bool in = any && k.row[c] >= 0;
-            t.v[c] = in ? v_l + k.row[c] * row_stride : zeros.data();
-            t.w[c] = in ? attn[pt] * k.weight[c] : scalar_t(0);
-            if (in) prefetch_row<0>(t.v[c], Dh);
-          }
+      const scalar_t* xy = loc + 2 * bqh * LP;                  // (LP, 2)
+      const scalar_t* a = attn + bqh * LP;                       // (LP,)
+      const int64_t *lh = level_h.data(), *lw = level_w.data();
+      const int64_t n = LP;  // a local copy: the stores below could alias the captured LP
+      int64_t *R0 = rows.data(), *R1 = R0 + n, *R2 = R1 + n, *R3 = R2 + n;
+      scalar_t *A0 = weights.data(), *A1 = A0 + n, *A2 = A1 + n, *A3 = A2 + n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const Taps<scalar_t, int64_t> t = bilinear_taps(xy[2 * j], xy[2 * j + 1], lh[j], lw[j]);
+        // corner c of point j at rows[c * LP + j]; row -1 and weight 0 outside the map
+        R0[j] = t.in0 ? t.row0 : -1;
+        R1[j] = t.in1 ? t.row1 : -1;
+        R2[j] = t.in2 ? t.row2 : -1;
+        R3[j] = t.in3 ? t.row3 : -1;
+        A0[j] = t.in0 ? a[j] * t.w0 : scalar_t(0);
+        A1[j] = t.in1 ? a[j] * t.w1 : scalar_t(0);
+        A2[j] = t.in2 ? a[j] * t.w2 : scalar_t(0);
+        A3[j] = t.in3 ? a[j] * t.w3 : scalar_t(0);
+      }
+      const int64_t* R = rows.data();
+      const scalar_t* A = weights.data();
+      for (int64_t j = 0; j < LP; ++j) {
+        ForwardTap<scalar_t>& t = tap[j];
+        const scalar_t* v_l = v_bh + level_offset[j];
+        for (int c = 0; c < 4; ++c) {
+          const bool in = R[c * LP + j] >= 0;
+          t.v[c] = in ? v_l + R[c * LP + j] * row_stride : zeros.data();
+          t.w[c] = A[c * LP + j];
+          if (in) prefetch_row<0>(t.v[c], Dh);
         }
       }
     };

@@ -41,47 +41,105 @@ struct Corners {
   acc_t dweight_dy[4];
 };
 
-DETRKD_HD float floor_of(float v) { return floorf(v); }
-DETRKD_HD double floor_of(double v) { return floor(v); }
+// floor(v) as an index, for the pixel coordinates corner_taps sees (in [-1, W) and [-1, H), far
+// inside the integer range): the int cast truncates toward zero, then negative non-integers step
+// down by one. The same values as floor(); unlike it, this vectorizes on the CPU under the
+// default -ftrapping-math.
+template <typename index_t, typename acc_t>
+DETRKD_HD index_t floor_to_index(acc_t v) {
+  const index_t i = static_cast<index_t>(v);
+  return i - static_cast<index_t>(static_cast<acc_t>(i) > v);
+}
+
+// The pieces of one bilinear sample, shared by bilinear_corners (CUDA kernels, CPU backward)
+// and bilinear_taps (CPU forward), so that both compute the same values.
+
+// Pixel coordinates of the location (x, y) on a level of `height` x `width` cells, and whether
+// any corner can be inside the map: the point lies in [-1, W) x [-1, H). The test `px >= -1`
+// (not `> -1`) keeps grid_sample's gradient at px == -1 exactly, where the in-map corner has
+// weight 0 but a non-zero derivative. NaN locations fail the test.
+template <typename acc_t, typename index_t>
+DETRKD_HD bool pixel_coords(acc_t x, acc_t y, index_t height, index_t width, acc_t& px,
+                            acc_t& py) {
+  px = x * static_cast<acc_t>(width) - acc_t(0.5);
+  py = y * static_cast<acc_t>(height) - acc_t(0.5);
+  // (& rather than &&: no short-circuit branches, so that loops over points vectorize)
+  return (px >= acc_t(-1)) & (px < static_cast<acc_t>(width)) & (py >= acc_t(-1)) &
+         (py < static_cast<acc_t>(height));
+}
+
+// The four corners of a sample at pixel coordinates inside [-1, W) x [-1, H) (pixel_coords):
+// their rows (h * W + w; meaningless for corners outside), which are inside the map, their
+// bilinear weights, and the fractional parts fx, fy (for the derivatives). Scalar fields, not
+// arrays, so that a loop over points keeps them in vector registers.
+template <typename acc_t, typename index_t>
+struct Taps {
+  index_t row0, row1, row2, row3;
+  bool in0, in1, in2, in3;
+  acc_t w0, w1, w2, w3;
+  acc_t fx, fy;
+};
+
+template <typename acc_t, typename index_t>
+DETRKD_HD Taps<acc_t, index_t> corner_taps(acc_t px, acc_t py, index_t height, index_t width) {
+  Taps<acc_t, index_t> t;
+  const index_t w0 = floor_to_index<index_t>(px), h0 = floor_to_index<index_t>(py);
+  t.fx = px - static_cast<acc_t>(w0), t.fy = py - static_cast<acc_t>(h0);  // in [0, 1)
+  const acc_t gx = acc_t(1) - t.fx, gy = acc_t(1) - t.fy;
+  const bool in_w0 = w0 >= 0, in_w1 = w0 + 1 < width;  // w0 < width holds since px < width
+  const bool in_h0 = h0 >= 0, in_h1 = h0 + 1 < height;
+  t.in0 = in_h0 & in_w0, t.in1 = in_h0 & in_w1, t.in2 = in_h1 & in_w0, t.in3 = in_h1 & in_w1;
+  t.row0 = h0 * width + w0, t.row1 = t.row0 + 1;
+  t.row2 = (h0 + 1) * width + w0, t.row3 = t.row2 + 1;
+  t.w0 = gy * gx, t.w1 = gy * t.fx, t.w2 = t.fy * gx, t.w3 = t.fy * t.fx;
+  return t;
+}
 
 // Fills `k` for the location (x, y) on a level of `height` x `width` cells. Returns false (and
 // leaves `k` untouched) when no corner is inside the map: the sample and its gradients are zero.
-// The test `px >= -1` (not `> -1`) keeps grid_sample's gradient at px == -1 exactly, where the
-// in-map corner has weight 0 but a non-zero derivative. NaN locations fail the test and sample 0.
 template <typename acc_t, typename index_t>
 DETRKD_HD bool bilinear_corners(acc_t x, acc_t y, index_t height, index_t width,
                                 Corners<acc_t, index_t>& k) {
-  const acc_t px = x * static_cast<acc_t>(width) - acc_t(0.5);
-  const acc_t py = y * static_cast<acc_t>(height) - acc_t(0.5);
-  if (!(px >= acc_t(-1) && px < static_cast<acc_t>(width) && py >= acc_t(-1) &&
-        py < static_cast<acc_t>(height))) {
+  acc_t px, py;
+  if (!pixel_coords(x, y, height, width, px, py)) {
     return false;  // also keeps floor() of huge or NaN coordinates away from the int cast
   }
-  const acc_t fw0 = floor_of(px), fh0 = floor_of(py);
-  const index_t w0 = static_cast<index_t>(fw0), h0 = static_cast<index_t>(fh0);
-  const acc_t fx = px - fw0, fy = py - fh0;  // fractional parts in [0, 1)
-  const acc_t gx = acc_t(1) - fx, gy = acc_t(1) - fy;
-  const bool in_w0 = w0 >= 0, in_w1 = w0 + 1 < width;  // w0 < width holds since px < width
-  const bool in_h0 = h0 >= 0, in_h1 = h0 + 1 < height;
+  const Taps<acc_t, index_t> t = corner_taps(px, py, height, width);
+  k.row[0] = t.in0 ? t.row0 : index_t(-1);
+  k.row[1] = t.in1 ? t.row1 : index_t(-1);
+  k.row[2] = t.in2 ? t.row2 : index_t(-1);
+  k.row[3] = t.in3 ? t.row3 : index_t(-1);
+  k.weight[0] = t.w0, k.weight[1] = t.w1, k.weight[2] = t.w2, k.weight[3] = t.w3;
+  const acc_t gx = acc_t(1) - t.fx, gy = acc_t(1) - t.fy;
   const acc_t W = static_cast<acc_t>(width), H = static_cast<acc_t>(height);
-
-  k.row[0] = (in_h0 && in_w0) ? h0 * width + w0 : -1;
-  k.row[1] = (in_h0 && in_w1) ? h0 * width + w0 + 1 : -1;
-  k.row[2] = (in_h1 && in_w0) ? (h0 + 1) * width + w0 : -1;
-  k.row[3] = (in_h1 && in_w1) ? (h0 + 1) * width + w0 + 1 : -1;
-  k.weight[0] = gy * gx;
-  k.weight[1] = gy * fx;
-  k.weight[2] = fy * gx;
-  k.weight[3] = fy * fx;
   k.dweight_dx[0] = -gy * W;
   k.dweight_dx[1] = gy * W;
-  k.dweight_dx[2] = -fy * W;
-  k.dweight_dx[3] = fy * W;
+  k.dweight_dx[2] = -t.fy * W;
+  k.dweight_dx[3] = t.fy * W;
   k.dweight_dy[0] = -gx * H;
-  k.dweight_dy[1] = -fx * H;
+  k.dweight_dy[1] = -t.fx * H;
   k.dweight_dy[2] = gx * H;
-  k.dweight_dy[3] = fx * H;
+  k.dweight_dy[3] = t.fx * H;
   return true;
+}
+
+// The forward's view of one sample point, without branches, so that a loop over points
+// vectorizes: the corner taps with in_c false for corners outside the map (all four when the
+// point is wholly outside; its coordinates are then moved to a safe place before floor() and
+// the int cast, which huge or NaN values must not reach).
+template <typename acc_t, typename index_t>
+DETRKD_HD Taps<acc_t, index_t> bilinear_taps(acc_t x, acc_t y, index_t height, index_t width) {
+  acc_t px, py;
+  const bool any = pixel_coords(x, y, height, width, px, py);
+  // Clamped into [-1, W] x [-1, H] (a NaN fails the comparison and becomes -1); this changes
+  // nothing for a point inside, whose taps are the ones used.
+  px = px > acc_t(-1) ? px : acc_t(-1);
+  px = px < static_cast<acc_t>(width) ? px : static_cast<acc_t>(width);
+  py = py > acc_t(-1) ? py : acc_t(-1);
+  py = py < static_cast<acc_t>(height) ? py : static_cast<acc_t>(height);
+  Taps<acc_t, index_t> t = corner_taps(px, py, height, width);
+  t.in0 = t.in0 & any, t.in1 = t.in1 & any, t.in2 = t.in2 & any, t.in3 = t.in3 & any;
+  return t;
 }
 
 // Location and weight gradients of one sample point from the per-corner dot products
