@@ -875,9 +875,11 @@ def run_matching(bench, device, threads, sections, extra_threads=False):
 
         # -- assignment alone ----------------------------------------------------------------
         if "lsa" in sections:
-            # The same fp32 (B, Q, T) cost for every solver: ours if it works, else the fallback.
-            cost = ours_fp32 if ours_fp32 is not None else ops.match_cost_fallback(
-                logits, boxes, *padded[:3], **kw)
+            # The same fp32 (B, Q, T) cost for every solver: ours if it works, else the fallback;
+            # row-major for all (our match_cost's CPU output is target-major, a layout our
+            # solver reads faster: that gain belongs to the match section, not to this one).
+            cost = (ours_fp32 if ours_fp32 is not None else ops.match_cost_fallback(
+                logits, boxes, *padded[:3], **kw)).contiguous()
             host = cost.cpu().numpy()
             sizes = padded[3]
             expect = anchors.scipy_loop([host[b, :, :sizes[b]] for b in range(B)])

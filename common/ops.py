@@ -319,6 +319,9 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
     Returns:
         cost (B, Q, T): w_class * class + w_bbox * L1 - w_giou * GIoU; entries of padded
         targets (t >= num_targets[b]) are 0. float32, or float64 when the inputs are float64.
+        On the CPU it is a view of target-major storage (``cost.transpose(1, 2)`` is
+        contiguous): the kernel's own layout, and the one linear_sum_assignment solves DETR's
+        T < Q problems in without a transpose. Use ``.contiguous()`` before ``.view()``.
 
     Only each image's own (Q, T) block is computed, never the (B*Q, sum T) matrix of the
     reference DETR matcher; the focal cost needs only the T logits of the targets' classes, the
@@ -446,7 +449,9 @@ def linear_sum_assignment(cost, sizes=None, validate=True):
     if ext is None:
         result = linear_sum_assignment_fallback(c, cols)
     elif c.device.type == "cpu":  # the per-image pairs straight from C++, validated there
-        result = ext.linear_sum_assignment_cpu(c.contiguous(), cols, validate)
+        if not (c.is_contiguous() or c.transpose(1, 2).is_contiguous()):
+            c = c.contiguous()  # (the solver reads both layouts, match_cost's is the second)
+        result = ext.linear_sum_assignment_cpu(c, cols, validate)
     else:
         num_cols = torch.tensor(cols, dtype=torch.int64).to(c.device, non_blocking=True)
         # (B, K) each, K = min(N, M), -1 beyond each image's min(N, cols[b]) assignments

@@ -467,17 +467,25 @@ int solve(const S* C, int64_t nr, int64_t nc, int64_t ld, Workspace& ws) {
 
 // One image: build the working matrix, solve, write (row_ind, col_ind) like scipy. Returns the
 // status. out_rows / out_cols have K slots, already filled with -1.
+// cost: the image's N x M block, row-major, or column-major (storage M x N, entry (i, j) at
+// j * N + i: match_cost's CPU output). The working matrix has the rows <= columns orientation,
+// so it is a copy of rows when the block's storage already runs that way, else a transpose.
 template <typename S>
-int solve_image(const S* cost, int64_t N, int64_t M, int64_t nc_valid, bool scalar,
-                int64_t* out_rows, int64_t* out_cols) {
+int solve_image(const S* cost, int64_t N, int64_t M, int64_t nc_valid, bool column_major,
+                bool scalar, int64_t* out_rows, int64_t* out_cols) {
   if (N == 0 || nc_valid == 0) return kOk;
   Workspace& ws = thread_workspace();
   const bool transposed = nc_valid < N;  // DETR's usual case: more queries than targets
   const int64_t nr = transposed ? nc_valid : N, nc = transposed ? N : nc_valid;
   const int64_t ld = padded(nc);
   S* C = reserve(ws.matrix<S>(), nr * ld);
-  const bool finite = transposed ? transpose(cost, M, N, nc_valid, C, ld, scalar)
-                                 : copy_rows(cost, M, N, nc_valid, C, ld);
+  bool finite;
+  if (!column_major)
+    finite = transposed ? transpose(cost, M, N, nc_valid, C, ld, scalar)
+                        : copy_rows(cost, M, N, nc_valid, C, ld);
+  else  // storage rows are the block's columns
+    finite = transposed ? copy_rows(cost, N, nc_valid, N, C, ld)
+                        : transpose(cost, N, nc_valid, N, C, ld, scalar);
   if (!finite) return kNonFinite;
 
   const int status = (DETRKD_LSA_SIMD && !scalar) ? solve<Simd, S>(C, nr, nc, ld, ws)
@@ -512,6 +520,12 @@ int solve_image(const S* cost, int64_t N, int64_t M, int64_t nc_valid, bool scal
 
 namespace {
 
+// The CPU solver reads each image's block row-major, or column-major: cost.transpose(1, 2)
+// contiguous, as match_cost returns it on the CPU.
+bool column_major(const at::Tensor& cost) {
+  return !cost.is_contiguous() && cost.transpose(1, 2).is_contiguous();
+}
+
 // Checks shared by both entry points below. The messages name the argument, as ops.py's do.
 void check_assignment_args(const at::Tensor& cost) {
   DETRKD_CHECK_DIM(cost, 3);
@@ -519,7 +533,10 @@ void check_assignment_args(const at::Tensor& cost) {
               "linear_sum_assignment: cost must be float32 or float64, got ", cost.scalar_type());
   TORCH_CHECK(cost.size(1) < (int64_t{1} << 30) && cost.size(2) < (int64_t{1} << 30),
               "linear_sum_assignment: cost has too many rows or columns: ", cost.sizes());
-  DETRKD_CHECK_CONTIGUOUS(cost);
+  TORCH_CHECK(cost.is_contiguous() || (cost.device().is_cpu() && column_major(cost)),
+              "linear_sum_assignment: cost must be contiguous (call .contiguous() first), or on "
+              "the CPU a transposed view of contiguous (B, M, N) storage, got strides ",
+              cost.strides());
 }
 
 void check_num_cols(const int64_t* ncols, int64_t B, int64_t M) {
@@ -539,12 +556,13 @@ void solve_batch_cpu(const at::Tensor& cost, const int64_t* ncols, RowsOf rows_o
   // the tests hold them equal).
   const char* env = std::getenv("DETRKD_LSA_SCALAR");
   const bool scalar = env != nullptr && env[0] != '\0' && env[0] != '0';
+  const bool col_major = column_major(cost);
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_sum_assignment", [&] {
-    const scalar_t* base = cost.data_ptr<scalar_t>();
+    const scalar_t* base = cost.data_ptr<scalar_t>();  // image b at base + b * N * M
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
-        st[b] = solve_image<scalar_t>(base + b * N * M, N, M, ncols[b], scalar, rows_of(b),
-                                      cols_of(b));
+        st[b] = solve_image<scalar_t>(base + b * N * M, N, M, ncols[b], col_major, scalar,
+                                      rows_of(b), cols_of(b));
     });
   });
 }

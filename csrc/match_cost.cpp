@@ -9,7 +9,8 @@
 // vectorizes (`omp simd`, box_math.h's float exp/log included) run whole vectors whatever the
 // number of targets: the class cost once per distinct class of the image's targets, then the L1
 // and GIoU terms one target at a time. Each box is converted once, each softmax logsumexp taken
-// once (match_cost_block below).
+// once (match_cost_block below). The result is written target-major, the blocks' own layout,
+// and returned as a (B, Q, T) view of that storage.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -169,12 +170,13 @@ struct BlockScratch {
 //   1. gather:  G[u, r] = logit[r, classes_u]                  (softmax also: lse_r per query)
 //   2. class:   G[u, r] = focal(G[u, r])  or  -exp(G[u, r] - lse_r)      (box_math.h)
 //   3. boxes:   S[t, r] = w_class * G[slot_t, r] + w_bbox * L1 - w_giou * GIoU   (box_math.h)
-//   4. out[r, t] = S[t, r] for t < n, 0 for the padded targets t in [n, T).
+//   4. out[t * Q + r] = S[t, r] for t < n, 0 for the padded targets t in [n, T).
 // Passes 2 and 3 are plain loops over r that the compiler vectorizes (`omp simd`), box_math.h's
-// float exp/log included. logits: (R, C), boxes: (R, 4) cxcywh, out: (R, T).
+// float exp/log included. logits: (R, C), boxes: (R, 4) cxcywh, out: the block's first entry in
+// the image's target-major (T, Q) storage.
 template <typename scalar_t>
 void match_cost_block(const scalar_t* logits, const scalar_t* boxes, int64_t R, int64_t C,
-                      int64_t T, const ImageTargets<scalar_t>& tg, int64_t class_mode,
+                      int64_t T, int64_t Q, const ImageTargets<scalar_t>& tg, int64_t class_mode,
                       scalar_t w_class, scalar_t w_bbox, scalar_t w_giou, scalar_t alpha,
                       scalar_t gamma, BlockScratch<scalar_t>& sc, scalar_t* out) {
   using namespace detrkd;
@@ -252,11 +254,14 @@ void match_cost_block(const scalar_t* logits, const scalar_t* boxes, int64_t R, 
     }
   }
 
-  // 4. Back to the (R, T) layout of the output.
-  for (int64_t r = 0; r < R; ++r) {
-    scalar_t* o = out + r * T;  // (T,)
-    for (int64_t t = 0; t < n; ++t) o[t] = S[t * Rp + r];
-    std::fill(o + n, o + T, scalar_t(0));  // padded targets
+  // 4. Into the output, whose storage is target-major (see match_cost_cpu_kernel): row t of
+  //    this block is R consecutive entries; the padded targets t in [n, T) are 0.
+  for (int64_t t = 0; t < T; ++t) {
+    scalar_t* o = out + t * Q;  // (R,) = cost[b, q0 : q0 + R, t]
+    if (t < n)
+      std::copy(S + t * Rp, S + t * Rp + R, o);
+    else
+      std::fill(o, o + R, scalar_t(0));
   }
 }
 
@@ -273,7 +278,7 @@ void match_cost_cpu_kernel(const at::Tensor& pred_logits, const at::Tensor& pred
   const int64_t* labels = tgt_labels.data_ptr<int64_t>();     // (B, T)
   const scalar_t* tboxes = tgt_boxes.data_ptr<scalar_t>();    // (B, T, 4) cxcywh
   const int64_t* n_tgt = num_targets.data_ptr<int64_t>();     // (B,)
-  scalar_t* out = cost.data_ptr<scalar_t>();                  // (B, Q, T)
+  scalar_t* out = cost.data_ptr<scalar_t>();                  // storage (B, T, Q)
 
   // Work units: blocks of kRows queries of one image, unit u = b * blocks + block.
   const int64_t blocks = (Q + kRows - 1) / kRows;
@@ -286,16 +291,16 @@ void match_cost_cpu_kernel(const at::Tensor& pred_logits, const at::Tensor& pred
     for (int64_t u = begin; u < end; ++u) {
       const int64_t b = u / blocks, q0 = (u % blocks) * kRows;
       const int64_t R = std::min(kRows, Q - q0), n = n_tgt[b];
-      scalar_t* o = out + (b * Q + q0) * T;  // (R, T)
+      scalar_t* o = out + b * T * Q + q0;  // cost[b, q0, 0] in the (T, Q) storage of image b
       if (n == 0) {
-        std::fill(o, o + R * T, scalar_t(0));
+        for (int64_t t = 0; t < T; ++t) std::fill(o + t * Q, o + t * Q + R, scalar_t(0));
         continue;
       }
       if (b != loaded) {
         tg.load(tboxes + b * T * 4, labels + b * T, n);
         loaded = b;
       }
-      match_cost_block(logits + (b * Q + q0) * C, boxes + (b * Q + q0) * 4, R, C, T, tg,
+      match_cost_block(logits + (b * Q + q0) * C, boxes + (b * Q + q0) * 4, R, C, T, Q, tg,
                        class_mode, w_class, w_bbox, w_giou, alpha, gamma, scratch, o);
     }
   });
@@ -365,9 +370,12 @@ at::Tensor match_cost(const at::Tensor& pred_logits, const at::Tensor& pred_boxe
               "match_cost on CPU supports float32 and float64 inputs, got pred_logits of dtype ",
               pred_logits.scalar_type());
   check_match_cost_values_cpu(tgt_labels, num_targets, pred_logits.size(2));
-  // (B, Q, T) in the input dtype: float32, or float64 for float64 inputs.
-  at::Tensor cost = at::empty({pred_logits.size(0), pred_logits.size(1), tgt_labels.size(1)},
-                              pred_logits.options());
+  // (B, Q, T) in the input dtype (float32, or float64 for float64 inputs), as a view of
+  // target-major (B, T, Q) storage: each image's cost comes out of the kernel one target row at
+  // a time, and it is the layout in which linear_sum_assignment solves DETR's T < Q problems
+  // (it reads either layout; see assignment.cpp).
+  at::Tensor cost = at::empty({pred_logits.size(0), tgt_labels.size(1), pred_logits.size(1)},
+                              pred_logits.options()).transpose(1, 2);
   if (cost.numel() == 0) return cost;
   AT_DISPATCH_FLOATING_TYPES(pred_logits.scalar_type(), "match_cost_cpu", [&] {
     match_cost_cpu_kernel<scalar_t>(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets,

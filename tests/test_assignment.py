@@ -214,10 +214,29 @@ def test_bad_input_raises():
         _C.linear_sum_assignment(cost.half(), n)
     with pytest.raises(RuntimeError, match="cost must have 3 dimensions"):
         _C.linear_sum_assignment(cost[0], n)
-    with pytest.raises(RuntimeError, match="cost must be contiguous"):
-        _C.linear_sum_assignment(cost.transpose(1, 2), n)
+    with pytest.raises(RuntimeError, match="cost must be contiguous"):  # neither layout
+        _C.linear_sum_assignment(torch.rand(2, 3, 6)[:, :, ::2], n)
     # a non-contiguous cost through the wrapper is fine
     assert_same_as_scipy(torch.rand(4, 3, 6).transpose(1, 2), what="non-contiguous")
+    assert_same_as_scipy(torch.rand(4, 3, 12)[:, :, ::2], what="strided")
+
+
+@pytest.mark.parametrize("N,M,sizes", [(30, 7, [7, 3, 0, 5]),     # N > M: DETR's queries x targets
+                                       (5, 9, [9, 4, 5, 6]),      # N < M, and N > some sizes
+                                       (6, 6, [6, 6, 1, 0])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_column_major_cost_is_read_as_is(N, M, sizes, dtype):
+    # match_cost's CPU output is a (B, N, M) view of (B, M, N) storage; the CPU solver reads it
+    # without a copy to row-major. Same pairs as scipy, for both orientations of the problem.
+    g = torch.Generator().manual_seed(N * M)
+    storage = torch.rand(len(sizes), M, N, generator=g, dtype=dtype)
+    cost = storage.transpose(1, 2)
+    assert not cost.is_contiguous()
+    assert_same_as_scipy(cost, sizes, what="column-major")
+    bad = storage.clone()
+    bad[1, 0, N - 1] = float("nan")  # cost[1, N - 1, 0], inside image 1's block
+    with pytest.raises(ValueError, match=r"cost of image 1 contains NaN or inf"):
+        ops.linear_sum_assignment(bad.transpose(1, 2), sizes)
 
 
 # ------------------------------------------------------------------------------------------
