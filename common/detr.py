@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.backbone import build_backbone, sine_embed
+from common.matcher import _check_targets
 from common.transformer import (MLP, ConditionalDecoder, DecoderLayer, DeformableDecoder,
                                 DeformableDecoderLayer, DeformableEncoderLayer,
                                 DeformableTransformerEncoder, DETRDecoder, EncoderLayer,
@@ -627,21 +628,6 @@ class DETRModel(nn.Module):
             out["dn_meta"] = {k: dec.dn_meta[k] for k in ("num_dn_queries", "num_groups",
                                                            "positive")}
         return out
-
-
-def _check_targets(targets, B, num_classes):
-    if not isinstance(targets, (list, tuple)) or len(targets) != B:
-        raise ValueError(f"targets must be a list of B={B} dicts, got {type(targets).__name__} "
-                         f"of length {len(targets) if hasattr(targets, '__len__') else '?'}")
-    for i, tg in enumerate(targets):
-        if "labels" not in tg or "boxes" not in tg:
-            raise ValueError(f"targets[{i}] needs 'labels' and 'boxes'")
-        lab, box = tg["labels"], tg["boxes"]
-        if lab.dim() != 1 or box.shape != (lab.shape[0], 4):
-            raise ValueError(f"targets[{i}]: labels (T,) and boxes (T,4) expected, got "
-                             f"{tuple(lab.shape)} and {tuple(box.shape)}")
-        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
-            raise ValueError(f"targets[{i}]['labels'] must lie in [0, {num_classes})")
 
 
 def build_model(variant: str, num_classes: int, **overrides) -> DETRModel:

@@ -48,7 +48,10 @@ def pad_targets(targets: Sequence[Dict[str, torch.Tensor]], device=None):
     return labels, boxes, num_targets, sizes
 
 
-def _check_targets(targets, batch_size):
+def _check_targets(targets, batch_size, num_classes=None):
+    """The targets contract: a list of ``batch_size`` dicts with "labels" (T,) int64 and "boxes"
+    (T, 4) float; with ``num_classes``, labels must also lie in [0, num_classes) (a host sync
+    on CUDA, so only where a label indexes something, e.g. DINO's denoising embedding)."""
     if not isinstance(targets, (list, tuple)):
         raise TypeError(f"targets must be a list of dicts, got {type(targets).__name__}")
     if len(targets) != batch_size:
@@ -65,6 +68,10 @@ def _check_targets(targets, batch_size):
             raise ValueError(f"targets[{b}]['boxes'] must be a float tensor of shape "
                              f"({labels.shape[0]}, 4) (one cxcywh box per label), got "
                              f"{boxes.dtype} of shape {tuple(boxes.shape)}")
+        if num_classes is not None and labels.numel() and \
+                (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"targets[{b}]['labels'] must lie in [0, {num_classes}), got min "
+                             f"{int(labels.min())}, max {int(labels.max())}")
 
 
 def _check_outputs(outputs, name="outputs"):
