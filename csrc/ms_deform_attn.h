@@ -42,13 +42,17 @@ struct Corners {
 };
 
 // floor(v) as an index, for the pixel coordinates corner_taps sees (in [-1, W) and [-1, H), far
-// inside the integer range): the int cast truncates toward zero, then negative non-integers step
-// down by one. The same values as floor(); unlike it, this vectorizes on the CPU under the
-// default -ftrapping-math.
+// inside the integer range). On the GPU floorf is one instruction. On the CPU the int cast
+// truncates toward zero and negative non-integers step down by one: the same values, in a form
+// that vectorizes under the default -ftrapping-math (floor() does not).
 template <typename index_t, typename acc_t>
 DETRKD_HD index_t floor_to_index(acc_t v) {
+#ifdef __CUDA_ARCH__
+  return static_cast<index_t>(floor(v));
+#else
   const index_t i = static_cast<index_t>(v);
   return i - static_cast<index_t>(static_cast<acc_t>(i) > v);
+#endif
 }
 
 // The pieces of one bilinear sample, shared by bilinear_corners (CUDA kernels, CPU backward)
