@@ -429,7 +429,9 @@ def linear_sum_assignment(cost, sizes=None, validate=True):
     duals) with scipy's tie order, so it returns scipy's assignment, ties included, not just an
     equally cheap one; images are solved in parallel (CPU threads; one CUDA block each). Half
     precision costs are solved in float32. Unlike scipy, +inf entries (forbidden pairs) are
-    rejected too: mask them with a large finite cost.
+    rejected too: mask them with a large finite cost. On the CPU the solver reads a contiguous
+    cost or a transposed view of contiguous storage (match_cost's CPU output) as it is; other
+    strides are copied first.
     """
     _check_tensor("cost", cost, ndim=(2, 3), floating=True)
     unbatched = cost.dim() == 2
