@@ -138,7 +138,8 @@ def test_all_outside_points_give_zero_output_and_gradient():
     value, ss, lsi, _, attn = make_inputs(B, shapes, Q, H, Dh, P)
     # beyond (-1, W) x (-1, H) in pixels: x = -0.6 is px < -1 on both levels, x = 1.7 is px >= W
     far = torch.tensor([[-0.6, 0.5], [1.7, 0.5], [0.5, -0.9], [0.5, 2.0], [-3.0, 9.0],
-                        [float("inf"), 0.5]], dtype=torch.float64)
+                        [float("inf"), 0.5], [0.5, float("nan")], [-1e30, 0.5]],
+                       dtype=torch.float64)
     loc = far[torch.randint(len(far), (B, Q, H, L, P))]
     grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
     out, gv, gl, ga = run_op(value, ss, lsi, loc, attn, grad_out)
