@@ -80,6 +80,13 @@ def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def is_main_process():
+    """True in a single-process run and on rank 0 of a torchrun job (read from torchrun's RANK,
+    so it holds before and after the process group exists): where one-off outputs, e.g. a
+    script's --visualize figures, are written."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def reduce_mean(values: dict) -> dict:
     """Average a dict of floats over processes (for logging only)."""
     if world_size() == 1 or not values:

@@ -671,7 +671,7 @@ def main(argv=None):
     stats = engine.run_training(
         args, lambda student, num_classes, teacher: CLoCKDistiller(cfg, teacher, student,
                                                                    num_classes), teacher_path)
-    if args.visualize and int(os.environ.get("RANK", 0)) == 0:
+    if args.visualize and engine.is_main_process():
         write_figures(args, cfg, teacher_path)
     return stats
 

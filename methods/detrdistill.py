@@ -597,7 +597,7 @@ def main(argv=None):
         return built["module"]
 
     stats = engine.run_training(args, build, distill.ensure_teacher(args))
-    if args.visualize and (engine.world_size() == 1 or dist.get_rank() == 0):
+    if args.visualize and engine.is_main_process():
         from common.data import build_dataset
         paths = visualize(built["module"], build_dataset("val", args), args.visualize)
         print(f"visualize: wrote {len(paths)} figures to {args.visualize}", flush=True)

@@ -687,7 +687,7 @@ def main(argv=None):
         return built[-1]
 
     stats = engine.run_training(args, build, distill.ensure_teacher(args))
-    if args.visualize:
+    if args.visualize and engine.is_main_process():  # one process draws
         d = built[-1]
         if args.eval:  # the student-side modules (SGFI's f_embed, adapters) of the checkpoint
             extra = engine.load_checkpoint(args.resume).get("extra", {})

@@ -645,7 +645,7 @@ def main(argv=None):
         return built[-1]
 
     stats = engine.run_training(args, build, distill.ensure_teacher(args))
-    if args.visualize and int(os.environ.get("RANK", 0)) == 0:  # one process draws
+    if args.visualize and engine.is_main_process():  # one process draws
         from common.data import build_dataset
         paths = visualize(built[-1], build_dataset("val", args), args.visualize,
                           args.visualize_images)

@@ -220,3 +220,12 @@ def test_crop_backbone_under_two_processes(tmp_path):
     paths = {open(f"{out}.{r}").read() for r in range(2)}
     assert len(paths) == 1 and os.path.isfile(paths.pop())
     assert len(list((tmp_path / "backbones").glob("*.pth"))) == 1
+
+
+def test_is_main_process_follows_torchruns_rank(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert engine.is_main_process()                     # a plain single-process run
+    monkeypatch.setenv("RANK", "0")
+    assert engine.is_main_process()
+    monkeypatch.setenv("RANK", "3")
+    assert not engine.is_main_process()
