@@ -132,6 +132,13 @@ def _first_line(err):
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
+def calls_per_repetition(warm):
+    """How many calls of a function whose warm-up call took ``warm`` seconds make one timed
+    repetition: enough to last >= 2 ms (perf_counter resolution and Python overhead then stay
+    below 1 %)."""
+    return 1 if warm >= 2e-3 else max(1, int(2e-3 / max(warm, 1e-7)))
+
+
 def time_wall(fn, min_reps, min_time, sync=None):
     """Wall times of one call of ``fn`` (seconds), one per repetition.
 
@@ -146,8 +153,7 @@ def time_wall(fn, min_reps, min_time, sync=None):
             sync()
     t0 = time.perf_counter()
     call()
-    warm = time.perf_counter() - t0
-    number = 1 if warm >= 2e-3 else max(1, int(2e-3 / max(warm, 1e-7)))
+    number = calls_per_repetition(time.perf_counter() - t0)
     times, start = [], time.perf_counter()
     while len(times) < min_reps or (time.perf_counter() - start < min_time and len(times) < 1000):
         t0 = time.perf_counter()
@@ -164,14 +170,13 @@ def time_paired(fns, rounds, min_time):
     On a shared machine the speed drifts over seconds; contenders timed one after the other
     (time_wall) see different drifts, while one round of interleaved calls sees about the same.
     So the ratio of two contenders within a round, taken as the median over rounds, is the
-    stable number. A fast fn is called several times per round (>= 2 ms, as time_wall).
+    stable number. A fast fn is called several times per round (calls_per_repetition).
     """
     number = {}
     for name, fn in fns.items():  # warm-up, and the calls per round
         t0 = time.perf_counter()
         fn()
-        warm = time.perf_counter() - t0
-        number[name] = 1 if warm >= 2e-3 else max(1, int(2e-3 / max(warm, 1e-7)))
+        number[name] = calls_per_repetition(time.perf_counter() - t0)
     names = list(fns)
     times = {name: [] for name in names}
     start = time.perf_counter()
@@ -675,6 +680,7 @@ def run_msda(bench, device, threads, extra_threads=False):
                     contenders = [c for c in contenders if c[0] in ("ours", "fallback")]
                 for pas in ("fwd", "fwd+bwd"):
                     x = _cast_msda(inp, device, dtype, requires_grad=(pas == "fwd+bwd"))
+                    fns = {}  # the functions timed, reused for the paired timing
                     for timing in timings:
                         for name, impl in contenders:
                             if impl is None:
@@ -685,18 +691,16 @@ def run_msda(bench, device, threads, extra_threads=False):
                                 fn = (lambda impl=impl, x=x: _no_grad_call(impl, x))
                             else:
                                 fn = (lambda impl=impl, x=x: _msda_fwd_bwd(impl, x))
+                            fns[name] = fn
                             bench.measure("msda", case, name, fn, device=device,
                                           threads=threads, dtype=dn, variant=f"{locs} {pas}",
                                           items=points, unit="ns/pt", baseline="fallback",
                                           slow=(name == "fallback" and slow_fallback), l2=timing,
                                           use_events=on_cuda)
                     if not on_cuda and not extra_threads and ours_ok:
-                        call = _no_grad_call if pas == "fwd" else _msda_fwd_bwd
-                        bench.pair("msda", case, {
-                            "ours": lambda x=x: call(ops.ms_deform_attn, x),
-                            "fallback": lambda x=x: call(ops.ms_deform_attn_fallback, x)},
-                            baseline="fallback", threads=threads, variant=f"{locs} {pas}",
-                            dtype=dn, slow=slow_fallback)
+                        bench.pair("msda", case, {n: fns[n] for n in ("ours", "fallback")},
+                                   baseline="fallback", threads=threads, variant=f"{locs} {pas}",
+                                   dtype=dn, slow=slow_fallback)
                 # Parity: every available contender except the fallback itself vs float64.
                 ref = None
                 for name, impl in contenders:
@@ -896,21 +900,20 @@ def run_matching(bench, device, threads, sections, extra_threads=False):
                 bench.measure("lsa", case, "ours validate=False", fn_ours_lsa_async,
                               device=device, threads=threads, items=B, unit="us/image",
                               baseline="scipy loop")
-            bench.measure("lsa", case, "scipy loop",
-                          lambda: anchors.scipy_loop([c[:, :k] for c, k in zip(
-                              cost.cpu().numpy(), sizes)]),
-                          device=device, threads=threads, items=B, unit="us/image",
-                          baseline="scipy loop")
+            # the functions timed, reused for the paired timing
+            fns = {"ours": fn_ours_lsa, "scipy loop": lambda: anchors.scipy_loop(
+                [c[:, :k] for c, k in zip(cost.cpu().numpy(), sizes)])}
+            bench.measure("lsa", case, "scipy loop", fns["scipy loop"], device=device,
+                          threads=threads, items=B, unit="us/image", baseline="scipy loop")
             host_c = np.ascontiguousarray(host)
             if not lapx:
                 bench.measure("lsa", case, "lapx batch", _raiser(lapx_why), device=device,
                               threads=threads, items=B, unit="us/image", baseline="scipy loop")
             for name, solve in lapx.items():
-                bench.measure("lsa", case, name,
-                              lambda solve=solve: solve(np.ascontiguousarray(
-                                  cost.cpu().numpy()) if on_cuda else host_c, threads),
-                              device=device, threads=threads, items=B, unit="us/image",
-                              baseline="scipy loop")
+                fns[name] = (lambda solve=solve: solve(np.ascontiguousarray(
+                    cost.cpu().numpy()) if on_cuda else host_c, threads))
+                bench.measure("lsa", case, name, fns[name], device=device, threads=threads,
+                              items=B, unit="us/image", baseline="scipy loop")
                 same = _assignments_equal(
                     [(torch.as_tensor(r), torch.as_tensor(c)) for r, c in solve(host_c, threads)],
                     expect)
@@ -918,12 +921,7 @@ def run_matching(bench, device, threads, sections, extra_threads=False):
                             "assignments identical to scipy" if same else
                             "assignments differ from scipy", threads=threads)
             if not on_cuda and not extra_threads and ops.backend(device) == "ext":
-                paired_fns = {"ours": lambda: ops.linear_sum_assignment(cost, sizes),
-                         "scipy loop": lambda: anchors.scipy_loop(
-                             [c[:, :k] for c, k in zip(cost.cpu().numpy(), sizes)])}
-                paired_fns.update({name: (lambda solve=solve: solve(host_c, threads))
-                                   for name, solve in lapx.items()})
-                bench.pair("lsa", case, paired_fns, baseline="scipy loop", threads=threads)
+                bench.pair("lsa", case, fns, baseline="scipy loop", threads=threads)
             try:
                 _ext_or_raise(device)
                 got = ops.linear_sum_assignment(cost, sizes)
