@@ -87,12 +87,12 @@ void check_match_cost_values_cpu(const at::Tensor& tgt_labels, const at::Tensor&
   const int64_t* n = num_targets.data_ptr<int64_t>();
   const int64_t* labels = tgt_labels.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(n[b] >= 0 && n[b] <= T, "num_targets must lie in [0, T=", T, "], got ", n[b],
-                " for image ", b);
+    TORCH_CHECK_VALUE(n[b] >= 0 && n[b] <= T, "num_targets must lie in [0, T=", T, "], got ",
+                      n[b], " for image ", b);
     for (int64_t t = 0; t < n[b]; ++t) {
-      TORCH_CHECK_VALUE(labels[b * T + t] >= 0 && labels[b * T + t] < C, "tgt_labels must lie in [0, C=",
-                  C, ") for real targets, got ", labels[b * T + t], " at image ", b, ", target ",
-                  t);
+      const int64_t label = labels[b * T + t];
+      TORCH_CHECK_VALUE(label >= 0 && label < C, "tgt_labels must lie in [0, C=", C,
+                        ") for real targets, got ", label, " at image ", b, ", target ", t);
     }
   }
 }

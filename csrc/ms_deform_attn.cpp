@@ -163,7 +163,8 @@ void forward_cpu(const Dims& d, const scalar_t* value, const int64_t* shapes,
   }
   at::parallel_for(0, d.B * d.Q, 16, [&](int64_t begin, int64_t end) {
     std::vector<ForwardTap<scalar_t>> taps(2 * LP);  // items i and i + 1
-    std::vector<int64_t> rows(4 * LP);      // (4, LP): corner c of point j at c * LP + j, -1 outside
+    std::vector<int64_t> rows(4 * LP);      // (4, LP): corner c of point j at c * LP + j; -1
+                                            // outside the map
     std::vector<scalar_t> weights(4 * LP);  // (4, LP): A * w_c, 0 outside the map
     // Prepares item bqh = (b * Q + q) * H + h: its points are bqh * LP ... + LP - 1.
     const auto gather = [&](int64_t bqh, ForwardTap<scalar_t>* tap) {
