@@ -251,6 +251,17 @@ class Encoded:
     valid_ratios: torch.Tensor             # (B,L,2) (w,h) fraction not covered by padding
     proposals: Optional[Proposals] = None
 
+    def image(self, b: int) -> "Encoded":
+        """The encoding of image b alone (batch of one), e.g. to decode one image's own queries
+        over its own memory; proposals are dropped (decode does not read them)."""
+        one = lambda x: x[b:b + 1]  # noqa: E731
+        return replace(self, features=[one(f) for f in self.features],
+                       backbone_features=[one(f) for f in self.backbone_features],
+                       masks=[one(m) for m in self.masks], pos=[one(p) for p in self.pos],
+                       memory=one(self.memory), mask_flatten=one(self.mask_flatten),
+                       pos_flatten=one(self.pos_flatten), valid_ratios=one(self.valid_ratios),
+                       proposals=None)
+
 
 @dataclass
 class Queries:

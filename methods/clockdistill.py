@@ -61,7 +61,7 @@ target-aware queries are.
 import math
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -366,16 +366,6 @@ class TargetQueryBuilder(nn.Module):
 # The distiller
 # ------------------------------------------------------------------------------------------
 
-def one_image(enc, b):
-    """The Encoded of image b alone (what ``decode`` reads), batch of one."""
-    sl = lambda x: x[b:b + 1]  # noqa: E731
-    return replace(enc, features=[sl(f) for f in enc.features], backbone_features=[],
-                   masks=[sl(m) for m in enc.masks], pos=[sl(p) for p in enc.pos],
-                   memory=sl(enc.memory), mask_flatten=sl(enc.mask_flatten),
-                   pos_flatten=sl(enc.pos_flatten), valid_ratios=sl(enc.valid_ratios),
-                   proposals=None)
-
-
 def _describe(m):
     return f"{m.variant} (hidden_dim {m.hidden_dim}, {m.cfg.dec_layers} decoder layers)"
 
@@ -471,7 +461,7 @@ class CLoCKDistiller(nn.Module):
         for b, q in enumerate(queries):
             if q.content.shape[1] == 0:
                 continue
-            dec = model.decode(one_image(enc, b), queries=q)
+            dec = model.decode(enc.image(b), queries=q)
             logits.append(dec.logits[:, 0]), boxes.append(dec.boxes[:, 0])  # (L,n_b,C), (L,n_b,4)
         if not logits:
             L = model.cfg.dec_layers

@@ -433,16 +433,6 @@ class RoIQueries(nn.Module):
         return Queries(content, pos=pos, reference=boxes if box_ref else boxes[..., :2])
 
 
-def one_image(enc, b):
-    """The encoding of image b alone (batch of one); proposals are not needed by decode."""
-    s = lambda x: x[b:b + 1]  # noqa: E731
-    return replace(enc, features=[s(f) for f in enc.features], masks=[s(m) for m in enc.masks],
-                   backbone_features=[s(f) for f in enc.backbone_features],
-                   pos=[s(p) for p in enc.pos], memory=s(enc.memory),
-                   mask_flatten=s(enc.mask_flatten), pos_flatten=s(enc.pos_flatten),
-                   valid_ratios=s(enc.valid_ratios), proposals=None)
-
-
 # ------------------------------------------------------------------------------------------
 # The distiller
 # ------------------------------------------------------------------------------------------
@@ -539,9 +529,9 @@ class GDetKD(nn.Module):
             if len(sel) == 0:
                 continue
             with torch.no_grad():
-                r_t.append(self.teacher.decode(one_image(enc_t, b), self.roi_queries(
+                r_t.append(self.teacher.decode(enc_t.image(b), self.roi_queries(
                     self.teacher, box[sel][None])).hs[-1][0])
-            r_s.append(self.student.decode(one_image(enc_s, b), self.roi_queries(
+            r_s.append(self.student.decode(enc_s.image(b), self.roi_queries(
                 self.student, box[sel][None])).hs[-1][0])
             order.append(sel)
         order = torch.argsort(torch.cat(order))                              # back to RoI order

@@ -469,7 +469,7 @@ def test_each_image_decoded_on_its_own():
         more = [dict(targets[0]), {"labels": torch.tensor([0, 1, 2]),
                                    "boxes": torch.rand(3, 4) * 0.4 + 0.1}]
         z3, b3 = d.decode_each(t, enc, d.target_queries(more, d.builder_t))
-        z1, b1 = d.decode_each(t, C.one_image(enc, 0), d.target_queries(targets[:1], d.builder_t))
+        z1, b1 = d.decode_each(t, enc.image(0), d.target_queries(targets[:1], d.builder_t))
     assert z2.shape[1] == 3 and z3.shape[1] == 5
     assert torch.allclose(z2[:, :2], z3[:, :2], atol=1e-6) and torch.allclose(b2[:, :2], b3[:, :2], atol=1e-6)
     assert torch.allclose(z1, z2[:, :2], atol=1e-5) and torch.allclose(b1, b2[:, :2], atol=1e-5)
