@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "methods"))
 import clockdistill  # noqa: E402
 from common import distill, engine  # noqa: E402
+from common.checkpoint import load_detector  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.data import build_dataset, collate  # noqa: E402
 
@@ -101,7 +102,7 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else args.device
     dataset = build_dataset("val", args)
-    teacher = distill.freeze(distill.load_detector(
+    teacher = distill.freeze(load_detector(
         distill.ensure_teacher(args), dataset.num_classes, device,
         variant=args.teacher_variant, overrides=args.teacher_overrides,
         category_ids=dataset.label_to_category))

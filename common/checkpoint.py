@@ -1,6 +1,12 @@
-"""Loading the official checkpoints of the DETR family into ``common.detr.DETRModel``.
+"""All checkpoint I/O: the official checkpoints of the DETR family, and this project's own.
 
-Files (specs/detr-family.md sec. 7): a ``torch.load``-able dict whose weights sit under
+This project's files (the last section): ``save_checkpoint`` writes atomically,
+``read_checkpoint`` reads any file with clear errors, ``check_state_fits`` names what does not
+fit, ``trainable_state`` / ``load_trainable_state`` are the student-side state a training
+checkpoint keeps, and ``load_detector`` rebuilds a detector from a file of ours or an official
+one.
+
+Official files: a ``torch.load``-able dict whose weights sit under
 ``'model'`` (or a bare state dict), often next to ``optimizer``, ``lr_scheduler``, ``epoch`` and
 ``args``, an ``argparse.Namespace``; DINO may add ``ema_model``. Keys follow DETR's names
 (``backbone.0.body.*``, ``input_proj``, ``transformer.*``, ``class_embed``, ``bbox_embed``), and so
@@ -52,7 +58,9 @@ from common.detr import CONFIGS, DETRModel, build_model
 
 __all__ = ["OfficialLayout", "official_layout", "read_checkpoint", "extract_state_dict",
            "strip_module_prefix", "official_to_ours", "ours_to_official", "coco_slots_to_classes",
-           "load_official", "COCO_NUM_SLOTS", "COCO_80_CATEGORY_IDS"]
+           "check_state_fits", "load_official", "COCO_NUM_SLOTS", "COCO_80_CATEGORY_IDS",
+           "save_checkpoint", "trainable_state", "load_trainable_state", "load_detector",
+           "unwrap"]
 
 COCO_NUM_SLOTS = 91  # category ids 0..90 (0 and ten others unused) in every official COCO head
 # the 80 category ids COCO uses, in sorted order (label -> category id for the 80 classes)
@@ -127,24 +135,39 @@ def _flags_of(variant: str, overrides: dict) -> dict:
 # ------------------------------------------------------------------------------------------
 
 def read_checkpoint(path: str, allow_unsafe_pickle: bool = False) -> dict:
-    """``torch.load`` a checkpoint on the CPU with ``weights_only=True``.
+    """``torch.load`` a checkpoint (ours or an official one) on the CPU with
+    ``weights_only=True``.
 
     Official training checkpoints pickle their ``args`` as an ``argparse.Namespace``, which
     ``weights_only=True`` (the default since PyTorch 2.6) refuses; it is then loaded again with
     that one class allowlisted (``torch.serialization.safe_globals``). Anything else the file
     pickles is refused unless ``allow_unsafe_pickle=True``, which loads with
     ``weights_only=False`` and so runs whatever code the file carries: only for trusted files.
+    A missing file is a FileNotFoundError; an empty, truncated or foreign file a ValueError
+    naming the file.
     """
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file {path!r}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path!r} is empty (0 bytes): was its save interrupted?")
+
+    def load(**kw):
+        try:
+            return torch.load(path, map_location="cpu", **kw)
+        except pickle.UnpicklingError:
+            raise
+        except Exception as e:  # noqa: BLE001 - torch.load's errors on a damaged file vary
+            raise ValueError(f"checkpoint {path!r} cannot be read: it is truncated, damaged or "
+                             f"not a torch checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load(weights_only=True)
     except pickle.UnpicklingError:
         pass  # most likely the argparse.Namespace under 'args': allow that one class
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return load(weights_only=True)
     except pickle.UnpicklingError as e:
         if not allow_unsafe_pickle:
             raise ValueError(
@@ -154,7 +177,7 @@ def read_checkpoint(path: str, allow_unsafe_pickle: bool = False) -> dict:
             ) from e
     warnings.warn(f"loading {path!r} with weights_only=False (allow_unsafe_pickle=True): the "
                   f"file can run arbitrary code", stacklevel=2)
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load(weights_only=False)
 
 
 def extract_state_dict(ckpt, which: str = "model") -> StateDict:
@@ -353,26 +376,29 @@ def coco_slots_to_classes(state: Mapping, category_ids: Sequence[int], variant: 
 # The loader
 # ------------------------------------------------------------------------------------------
 
-def _check_fits(model: DETRModel, state: StateDict, variant: str):
-    own = model.state_dict()
+def check_state_fits(module: torch.nn.Module, state: Mapping, what: str = "checkpoint"):
+    """Refuse a state dict that does not fit ``module`` with a message naming the differences
+    (missing and unexpected keys, mis-shaped tensors), before ``load_state_dict``'s strict
+    error deep in a stack trace, and never a silent ``strict=False``."""
+    own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    misshaped = [k for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    shapes = [f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})" for k in misshaped]
     if not (missing or unexpected or shapes):
         return
 
     def names(xs):
         return ", ".join(xs[:10]) + (f" (+{len(xs) - 10} more)" if len(xs) > 10 else "")
-    parts = [f"{len(xs)} {what}: {names(xs)}" for what, xs in
+    parts = [f"{len(xs)} {kind}: {names(xs)}" for kind, xs in
              (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if xs]
-    hint = ""
-    if any(s.startswith(("class_embed.", "label_enc.", "transformer.enc_out_class_embed."))
-           for s in shapes):
+    hint = " (was it made with another variant or size?)"
+    class_rows = ("class_embed.", "label_enc.", "transformer.enc_out_class_embed.")
+    if misshaped and all(k.startswith(class_rows) and state[k].shape[1:] == own[k].shape[1:]
+                         for k in misshaped):
         hint = (" (class rows differ: pass num_classes to match the file, or category_ids to "
                 "select a data set's classes)")
-    raise ValueError(f"the official {variant} state dict does not fit the model: "
-                     + "; ".join(parts) + hint)
+    raise ValueError(f"the {what} does not fit this model{hint}: " + "; ".join(parts))
 
 
 def load_official(source, variant: str, num_classes: Optional[int] = None,
@@ -414,6 +440,117 @@ def load_official(source, variant: str, num_classes: Optional[int] = None,
     if len(model.class_embed) != layout.num_pred or shared != (layout.heads != "per_layer"):
         raise RuntimeError("common/checkpoint.py's layout of the heads no longer matches "
                            "common/detr.py: update official_layout")
-    _check_fits(model, state, variant)
+    check_state_fits(model, state, f"official {variant} state dict")
     model.load_state_dict(state)  # strict: key sets and shapes were checked just above
     return model.eval()
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints of this project: atomic save, the student-side state, rebuilding a detector
+# ------------------------------------------------------------------------------------------
+
+def save_checkpoint(obj, path):
+    """torch.save to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+    A crash mid-write leaves the previous checkpoint intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel (the module itself otherwise)."""
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) \
+        else module
+
+
+def trainable_state(module: torch.nn.Module) -> dict:
+    """What a checkpoint keeps of a training module (``.student`` plus the method's own
+    modules): the student under "model" (it loads into ``methods/baseline.py --eval``), the
+    other student-side entries under "extra"; never the teacher."""
+    m = unwrap(module)
+    extra = {k: v for k, v in m.state_dict().items()
+             if not k.startswith("student.") and not k.startswith("teacher.")}
+    return {"model": m.student.state_dict(), "extra": extra}
+
+
+def load_trainable_state(module: torch.nn.Module, ckpt: Mapping, what: str,
+                         strict_extra: bool = True):
+    """Load ``trainable_state``'s entries back into a training module. The student must fit
+    exactly; the "extra" entries too unless ``strict_extra=False`` (evaluating a student saved
+    by another method: its student-side modules play no part in the student's answers)."""
+    m = unwrap(module)
+    check_state_fits(m.student, ckpt["model"], what)
+    state = m.state_dict()  # the teacher's entries stay as they are
+    extra = dict(ckpt.get("extra", {}))
+    unknown = sorted(set(extra) - set(state))
+    if unknown and strict_extra:
+        raise ValueError(f"the {what} has student-side modules this run does not have: "
+                         f"{', '.join(unknown[:5])} (was it made by another method?)")
+    state.update({f"student.{k}": v for k, v in ckpt["model"].items()})
+    state.update({k: v for k, v in extra.items() if k in state})
+    m.load_state_dict(state)
+
+
+def load_detector(path, num_classes, device="cpu", *, variant=None, overrides=None,
+                  category_ids=None, allow_unsafe_pickle=False) -> DETRModel:
+    """Rebuild a detector from a checkpoint of this project, or an official one.
+
+    Ours (methods/baseline.py's, or a method script's: its "model" entry is the student) record
+    the variant and model settings under "args"; ``variant`` and ``overrides`` must then be
+    unset (or name the recorded variant). Any other file is read as an official checkpoint
+    (``load_official``) of ``variant`` built with ``overrides`` (the file's structural flags,
+    e.g. ``with_box_refine=True``, as ``build_model``'s); its COCO class slots
+    ``category_ids`` (the data set's ``label_to_category``, one per class) become the
+    ``num_classes`` classes, or with ``category_ids=None`` the file must have ``num_classes``
+    class rows. ``variant=None`` with an official file is a ValueError saying what to pass.
+    Files are read with ``torch.load(weights_only=True)`` (official ones: argparse.Namespace
+    allowed); ``allow_unsafe_pickle`` as in ``read_checkpoint``.
+    """
+    try:
+        ckpt = read_checkpoint(path, allow_unsafe_pickle)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load's errors on a non-checkpoint file vary
+        raise ValueError(f"could not read {path} as a checkpoint ({type(e).__name__}: {e})") \
+            from e
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    a = ckpt.get("args")
+    if "model" in ckpt and isinstance(a, Mapping) and "variant" in a:
+        if overrides or (variant is not None and variant != a["variant"]):
+            raise ValueError(f"{path} is a checkpoint of this project ({a['variant']}): it "
+                             f"records its variant and settings; --teacher-variant and "
+                             f"--teacher-arg are for official checkpoints")
+        # the checkpoint holds every weight: the backbone's starting point is not needed again
+        ours = {k: v for k, v in a.get("model_overrides", {}).items()
+                if k not in ("backbone_weights", "pretrained")}
+        model = build_model(a["variant"], num_classes, **ours)
+        check_state_fits(model, ckpt["model"], f"checkpoint {path}")
+        model.load_state_dict(ckpt["model"])
+        return model.to(device)
+    if variant is None:
+        raise ValueError(
+            f"{path} is not a checkpoint of this project's training scripts (it needs 'model' "
+            f"and 'args' with the variant). If it is an official checkpoint, pass "
+            f"--teacher-variant {{{','.join(sorted(CONFIGS))}}} and, for the settings it was "
+            f"trained with, --teacher-arg NAME=VALUE (e.g. with_box_refine=true two_stage=true "
+            f"for Deformable DETR +refine / two-stage)")
+    if category_ids is not None and len(category_ids) != num_classes:
+        raise ValueError(f"{len(category_ids)} category ids for {num_classes} classes")
+    try:
+        model = load_official(ckpt, variant, num_classes=num_classes, category_ids=category_ids,
+                              **(overrides or {}))
+    except ValueError as e:
+        raise ValueError(f"{path} is neither a checkpoint of this project nor an official "
+                         f"{variant} checkpoint with these settings ({overrides or {}}): "
+                         f"{e}") from e
+    return model.to(device)

@@ -8,6 +8,7 @@ import argparse
 import os
 
 from common.data import add_data_args
+from common.detr import CONFIGS
 
 # Presets for the embedded data on a CPU (model size + training settings). They are starting
 # points sized for 2 CPU cores; bench/RESULTS.md records what they reach. "variant" is only the
@@ -113,7 +114,6 @@ def build_parser(description):
 def resolve(args, default_variant="deformable_detr"):
     """Fill unset flags from the preset, then from the variant's config. Returns
     (args, model_overrides)."""
-    from common.detr import CONFIGS
     args.model_from_flags = bool(args.variant or args.preset or any(
         getattr(args, n) is not None for n in list(MODEL_FLAGS) + ["with_box_refine",
                                                                    "two_stage"]))

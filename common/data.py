@@ -47,9 +47,12 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
+import PIL
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
+
+from common.distributed import barrier, is_main_process
 
 __all__ = ["CocoDetection", "load_coco_annotations", "make_transforms", "RandomSizeCrop", "collate",
            "build_dataset", "add_data_args", "SynthPreset", "SYNTH_PRESETS", "SYNTH_VERSION",
@@ -578,7 +581,6 @@ def _image_digest(hasher, pixels, annotations):
 
 
 def _library_versions():
-    import PIL
     skimage = sys.modules.get("skimage")
     return {"numpy": np.__version__, "Pillow": PIL.__version__,
             "scikit-image": getattr(skimage, "__version__", None)}
@@ -779,11 +781,6 @@ def add_data_args(parser: argparse.ArgumentParser):
     return parser
 
 
-def _is_main_process():
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def build_dataset(image_set: str, args=None, **overrides) -> CocoDetection:
     """The 'train' or 'val' split chosen by ``args`` (an argparse namespace or any object with the
     attributes of ``add_data_args``) and/or keyword ``overrides`` (which win). Keys and defaults:
@@ -803,21 +800,19 @@ def build_dataset(image_set: str, args=None, **overrides) -> CocoDetection:
     opt = {k: overrides[k] if k in overrides else getattr(args, k, v) for k, v in _DEFAULTS.items()}
 
     if opt["data"] == "synthetic":
-        import torch.distributed as dist
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed and dist.get_rank() != 0:
-            dist.barrier()                                       # let rank 0 generate it first
+        if not is_main_process():
+            barrier()                                            # let rank 0 generate it first
         try:
             root = ensure_synthetic(opt["data_cache"], opt["synth"], int(opt["synth_seed"]),
                                     int(opt["synth_num_train"]), int(opt["synth_num_val"]),
-                                    verbose=_is_main_process())
+                                    verbose=is_main_process())
         finally:  # release the others even if it failed (they then fail with the same clear error)
-            if distributed and dist.get_rank() == 0:
-                dist.barrier()
+            if is_main_process():
+                barrier()
         ann_file = root / "annotations" / f"instances_{image_set}2017.json"
         img_folder = root / f"{image_set}2017"
         default_size = SYNTH_PRESETS[opt["synth"]].image_size
-        if _is_main_process():
+        if is_main_process():
             print(f"data: synthetic embedded set, preset {opt['synth']}, seed {opt['synth_seed']}, "
                   f"{image_set} split at {img_folder}", flush=True)
     elif opt["data"] == "coco":

@@ -5,16 +5,18 @@ A method script defines its config, its losses and one *distiller*: an nn.Module
 ``forward(images, masks, targets) -> dict`` of named losses (the student's own detection losses
 plus each KD term under its own key). Its ``main()`` is
 
-    parser = distill.build_parser(__doc__)          # shared flags + --teacher (ours or official)
-    add_my_method_flags(parser)
+    parser = add_my_method_flags(distill.build_parser(__doc__))  # shared flags + --teacher
     args = distill.resolve(parser.parse_args(argv))
-    return engine.run_training(args, build_distiller, distill.ensure_teacher(args))
+    run = engine.prepare(args)                      # data, student, evaluation
+    teacher = distill.load_teacher(args, run)       # frozen; ours or an official file
+    stats = engine.train(run, MyDistiller(cfg, teacher, run.student, run.num_classes))
+    distill.print_summary(args, run, teacher, stats)
 
-``engine.run_training`` builds the data, the frozen teacher and the student, and trains. The
-checkpoint keeps the student (and the method's student-side modules), never the teacher; its
-"model" entry loads into ``methods/baseline.py --eval``. The teacher is a checkpoint of this
-project or an official one (``--teacher-variant``, ``--teacher-arg``: see ``load_detector``),
-whose COCO class slots are mapped to the data set's categories.
+The checkpoint keeps the student (and the method's student-side modules), never the teacher;
+its "model" entry loads into ``methods/baseline.py --eval``. The teacher is a checkpoint of this
+project or an official one (``--teacher-variant``, ``--teacher-arg``: see
+``common.checkpoint.load_detector``), whose COCO class slots are mapped to the data set's
+categories.
 """
 import argparse
 import hashlib
@@ -30,10 +32,11 @@ from dataclasses import fields
 
 from torch import nn
 
-from common import cli, engine
-from common.checkpoint import load_official, read_checkpoint
+from common import cli
+from common.checkpoint import load_detector
 from common.data import default_cache_dir
-from common.detr import CONFIGS, build_model
+from common.detr import CONFIGS
+from common.distributed import is_main_process
 
 BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "methods", "baseline.py")
@@ -168,60 +171,18 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_detector(path, num_classes, device="cpu", *, variant=None, overrides=None,
-                  category_ids=None, allow_unsafe_pickle=False):
-    """Rebuild a detector from a checkpoint of this project, or an official one.
-
-    Ours (methods/baseline.py's, or a method script's: its "model" entry is the student) record
-    the variant and model settings under "args"; ``variant`` and ``overrides`` must then be
-    unset (or name the recorded variant). Any other file is read as an official checkpoint
-    (common.checkpoint.load_official) of ``variant`` built with ``overrides`` (the file's
-    structural flags, e.g. ``with_box_refine=True``, as ``build_model``'s); its COCO class slots
-    ``category_ids`` (the data set's ``label_to_category``, one per class) become the
-    ``num_classes`` classes, or with ``category_ids=None`` the file must have ``num_classes``
-    class rows. ``variant=None`` with an official file is a ValueError saying what to pass.
-    Files are read with ``torch.load(weights_only=True)`` (official ones: argparse.Namespace
-    allowed); ``allow_unsafe_pickle`` as in ``common.checkpoint.read_checkpoint``.
-    """
-    try:
-        ckpt = read_checkpoint(path, allow_unsafe_pickle)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch.load's errors on a non-checkpoint file vary
-        raise ValueError(f"could not read {path} as a checkpoint ({type(e).__name__}: {e})") \
-            from e
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
-    a = ckpt.get("args")
-    if "model" in ckpt and isinstance(a, Mapping) and "variant" in a:
-        if overrides or (variant is not None and variant != a["variant"]):
-            raise ValueError(f"{path} is a checkpoint of this project ({a['variant']}): it "
-                             f"records its variant and settings; --teacher-variant and "
-                             f"--teacher-arg are for official checkpoints")
-        # the checkpoint holds every weight: the backbone's starting point is not needed again
-        ours = {k: v for k, v in a.get("model_overrides", {}).items()
-                if k not in ("backbone_weights", "pretrained")}
-        model = build_model(a["variant"], num_classes, **ours)
-        engine.check_state_fits(model, ckpt["model"], f"checkpoint {path}")
-        model.load_state_dict(ckpt["model"])
-        return model.to(device)
-    if variant is None:
-        raise ValueError(
-            f"{path} is not a checkpoint of this project's training scripts (it needs 'model' "
-            f"and 'args' with the variant). If it is an official checkpoint, pass "
-            f"--teacher-variant {{{','.join(sorted(CONFIGS))}}} and, for the settings it was "
-            f"trained with, --teacher-arg NAME=VALUE (e.g. with_box_refine=true two_stage=true "
-            f"for Deformable DETR +refine / two-stage)")
-    if category_ids is not None and len(category_ids) != num_classes:
-        raise ValueError(f"{len(category_ids)} category ids for {num_classes} classes")
-    try:
-        model = load_official(ckpt, variant, num_classes=num_classes, category_ids=category_ids,
-                              **(overrides or {}))
-    except ValueError as e:
-        raise ValueError(f"{path} is neither a checkpoint of this project nor an official "
-                         f"{variant} checkpoint with these settings ({overrides or {}}): "
-                         f"{e}") from e
-    return model.to(device)
+def load_teacher(args, run):
+    """The frozen teacher of this run (``--teacher``, or on the embedded data the cached one,
+    trained first when missing), its COCO class slots mapped to the data set's categories for
+    an official file; with ``--baseline`` the baseline student is trained (or reused) too."""
+    path = ensure_teacher(args)
+    teacher = freeze(load_detector(
+        path, run.num_classes, run.device, variant=args.teacher_variant,
+        overrides=args.teacher_overrides, category_ids=run.dataset_train.label_to_category))
+    teacher.path = path
+    if args.baseline and not args.eval and run.info.is_main:
+        ensure_baseline(args)  # the same student without distillation, for the summary
+    return teacher
 
 
 def teacher_cache_path(args):
@@ -350,7 +311,14 @@ def teacher_stats(teacher_path, evaluate_teacher, args):
     return stats
 
 
-def print_summary(args, t_stats, student_stats):
+def print_summary(args, run, teacher, student_stats):
+    """Teacher, baseline student (when cached) and distilled student AP after training; the
+    teacher's stats are computed on every process (the evaluation gathers), printed on one."""
+    if args.eval or not student_stats:
+        return
+    t_stats = teacher_stats(teacher.path, lambda: run.evaluate(teacher), args)
+    if not is_main_process():
+        return
     rows = [("teacher", t_stats.get("AP"), t_stats.get("AP50"))]
     baseline = baseline_cache_path(args)
     if args.data == "synthetic" and os.path.isfile(baseline):

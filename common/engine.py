@@ -23,81 +23,22 @@ import datetime
 import json
 import os
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-# ------------------------------------------------------------------------------------------
-# Distributed
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def init_distributed(device="auto") -> DistInfo:
-    """Set up torch.distributed from torchrun's environment; one process when it is unset.
-
-    ``device``: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". nccl on CUDA, gloo on
-    CPU. Each process uses the GPU of its LOCAL_RANK.
-    """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU")
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistInfo(device=device)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
-    return DistInfo(rank, world, local_rank, device)
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process():
-    """True in a single-process run and on rank 0 of a torchrun job (read from torchrun's RANK,
-    so it holds before and after the process group exists): where one-off outputs, e.g. a
-    script's --visualize figures, are written."""
-    return int(os.environ.get("RANK", 0)) == 0
-
-
-def reduce_mean(values: dict) -> dict:
-    """Average a dict of floats over processes (for logging only)."""
-    if world_size() == 1 or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return {k: v / world_size() for k, v in zip(keys, t.tolist())}
-
+from common.checkpoint import (check_state_fits, load_detector, load_trainable_state,
+                               read_checkpoint, save_checkpoint, trainable_state, unwrap)
+from common.criterion import build_postprocess
+from common.data import build_dataset, collate, default_cache_dir
+from common.detr import CONFIGS, build_model
+from common.distributed import DistInfo, barrier, init_distributed, reduce_mean
+from common.evaluate import CocoEvaluator
+from common.pretrain import ensure_crop_pretrained
 
 # ------------------------------------------------------------------------------------------
 # Seeds, RNG state, data loaders
@@ -184,87 +125,6 @@ def param_groups(module, lr, lr_backbone, lr_linear_proj_mult=0.1,
 
 
 # ------------------------------------------------------------------------------------------
-# Checkpoints
-# ------------------------------------------------------------------------------------------
-
-def save_checkpoint(obj, path):
-    """torch.save to ``path`` atomically: a temporary file in the same folder, fsync, rename.
-    A crash mid-write leaves the previous checkpoint intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise RuntimeError(f"could not read checkpoint {path}: {e}") from e
-
-
-def check_state_fits(module, state, what="checkpoint"):
-    """Refuse a state dict from a different model with a message that names the differences
-    (missing/unexpected keys, mismatched shapes), instead of load_state_dict's strict error
-    deep in a stack trace or a silent strict=False."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def head(xs):
-            return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys missing from the {what}: {head(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} keys the model does not have: {head(unexpected)}")
-        if shapes:
-            parts.append(f"{len(shapes)} shapes differ: {head(shapes)}")
-        raise ValueError(f"the {what} does not fit this model (was it made with another "
-                         f"variant or size?): " + "; ".join(parts))
-
-
-def unwrap(module):
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) \
-        else module
-
-
-def trainable_state(module):
-    """What a checkpoint keeps of a training module: the student, and the other trainable
-    (student-side) modules; never the teacher."""
-    m = unwrap(module)
-    extra = {k: v for k, v in m.state_dict().items()
-             if not k.startswith("student.") and not k.startswith("teacher.")}
-    return {"model": m.student.state_dict(), "extra": extra}
-
-
-def load_trainable_state(module, ckpt, what):
-    m = unwrap(module)
-    check_state_fits(m.student, ckpt["model"], what)
-    state = m.state_dict()  # the teacher's entries stay as they are
-    extra = ckpt.get("extra", {})
-    unknown = sorted(set(extra) - set(state))
-    if unknown:
-        raise ValueError(f"the {what} has student-side modules this run does not have: "
-                         f"{', '.join(unknown[:5])}")
-    state.update({f"student.{k}": v for k, v in ckpt["model"].items()})
-    state.update(extra)
-    m.load_state_dict(state)
-
-
-# ------------------------------------------------------------------------------------------
 # Training and evaluation
 # ------------------------------------------------------------------------------------------
 
@@ -347,7 +207,6 @@ def peak_memory_mb(device):
     resident set size of the process (Linux and macOS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, else KiB
 
@@ -418,7 +277,7 @@ def fit(module, optimizer, lr_scheduler, train_loader, *, args, dist_info, evalu
 def resume(module, optimizer, lr_scheduler, path):
     """Restore a checkpoint written by ``fit``; returns the epoch to start from. Refuses a
     checkpoint of another model with a message naming what differs."""
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     for key in ("model", "optimizer", "lr_scheduler", "epoch", "rng"):
         if key not in ckpt:
             raise ValueError(f"{path} is not a training checkpoint of this project (no "
@@ -430,6 +289,12 @@ def resume(module, optimizer, lr_scheduler, path):
     return int(ckpt["epoch"]) + 1
 
 
+
+
+# ------------------------------------------------------------------------------------------
+# The job: prepare(args) -> Run, then train(run, module)
+# ------------------------------------------------------------------------------------------
+
 def backbone_weights_ready(args, info, dataset_train, dataset_val):
     """``args.model_overrides`` with ``backbone_weights="crops"`` (the CPU presets) replaced by
     the path of the cached crop-pretrained tiny backbone (common/pretrain.py), which the main
@@ -437,9 +302,6 @@ def backbone_weights_ready(args, info, dataset_train, dataset_val):
     overrides = dict(args.model_overrides)
     if overrides.get("backbone_weights") != "crops":
         return overrides
-    from common.data import default_cache_dir
-    from common.detr import CONFIGS
-    from common.pretrain import ensure_crop_pretrained
     cfg = CONFIGS[args.variant]()
     if overrides.get("backbone", cfg.backbone) != "tiny":
         raise ValueError("--backbone-weights crops pretrains the 'tiny' backbone only; give a "
@@ -450,29 +312,43 @@ def backbone_weights_ready(args, info, dataset_train, dataset_val):
         try:
             path = ensure_crop_pretrained(dataset_train, dataset_val, width, root)
         finally:
-            if info.distributed:
-                dist.barrier()               # the others wait until it is cached (or failed)
+            barrier()               # the others wait until it is cached (or failed)
     else:
-        dist.barrier()
+        barrier()
         path = ensure_crop_pretrained(dataset_train, dataset_val, width, root, verbose=False)
     overrides["backbone_weights"] = path
     return overrides
 
 
-def run_training(args, build_module, teacher_path=None):
-    """The job of methods/baseline.py and of every method script: data, (teacher,) student,
-    the training module, COCO evaluation, then ``fit`` (or ``--eval`` only).
+@dataclass
+class Run:
+    """What ``prepare`` sets up for one job: the process, the data, the student detector and
+    its COCO evaluation. ``run.evaluate(model)`` scores any detector on the validation split."""
+    args: object
+    info: DistInfo
+    dataset_train: object
+    dataset_val: object
+    student: torch.nn.Module
+    val_loader: object
+    evaluator: CocoEvaluator
 
-    ``build_module(student, num_classes, teacher) -> training module`` (see the top of this
-    file); ``teacher`` is None for the baseline, else the frozen teacher loaded from
-    ``teacher_path``. Returns the last epoch's stats (or the evaluation's, with --eval).
-    """
-    from common.criterion import build_postprocess
-    from common.data import build_dataset, collate
-    from common.detr import build_model
-    from common.distill import freeze, load_detector
-    from common.evaluate import CocoEvaluator
+    @property
+    def num_classes(self):
+        return self.dataset_train.num_classes
 
+    @property
+    def device(self):
+        return self.info.device
+
+    def evaluate(self, model):
+        return evaluate(model, build_postprocess(model), self.val_loader, self.evaluator,
+                        self.device, amp=self.args.amp, max_iters=self.args.max_iters)
+
+
+def prepare(args) -> Run:
+    """The job's setup, shared by methods/baseline.py and every method script: threads and
+    processes, seeds, both data splits, the student detector (built from the flags, or with
+    ``--eval`` and no model flags rebuilt as the checkpoint records it) and its evaluation."""
     if args.threads:
         torch.set_num_threads(args.threads)
     info = init_distributed(args.device)
@@ -486,74 +362,56 @@ def run_training(args, build_module, teacher_path=None):
         student = build_model(args.variant, num_classes,
                               **backbone_weights_ready(args, info, dataset_train,
                                                        dataset_val)).to(info.device)
-    teacher = None
-    if teacher_path is not None:
-        teacher = freeze(load_detector(
-            teacher_path, num_classes, info.device, variant=getattr(args, "teacher_variant", None),
-            overrides=getattr(args, "teacher_overrides", None),
-            category_ids=dataset_train.label_to_category))  # an official file's COCO slots
-        if getattr(args, "baseline", False) and not args.eval and info.is_main:
-            from common.distill import ensure_baseline
-            ensure_baseline(args)  # the same student without distillation, for the summary
-    module = build_module(student, num_classes, teacher).to(info.device)
-    if teacher is not None and any(p.requires_grad for p in module.teacher.parameters()):
+    val_loader = make_loader(dataset_val, args.batch_size, collate, train=False,
+                             num_workers=args.num_workers, dist_info=info)
+    return Run(args, info, dataset_train, dataset_val, student, val_loader,
+               CocoEvaluator.from_dataset(dataset_val))
+
+
+def train(run: Run, module: torch.nn.Module) -> dict:
+    """Train ``module`` (a training module, see the top of this file, whose ``.student`` is
+    ``run.student``) with the run's flags: AdamW, the lr drop, ``--resume``, DistributedDataParallel
+    under torchrun, an evaluation, ``log.txt`` line and ``checkpoint.pth`` per epoch. With
+    ``--eval`` it restores everything the checkpoint holds for ``module`` (the student and the
+    method's student-side modules) and evaluates only. Returns the last stats."""
+    args, info = run.args, run.info
+    module = module.to(info.device)
+    teacher = getattr(module, "teacher", None)
+    if teacher is not None and any(p.requires_grad for p in teacher.parameters()):
         raise RuntimeError("the teacher must stay frozen")
-    postprocess = build_postprocess(student)
+    student = module.student
     if info.is_main:
         what = ", ".join(f"{k}={v}" for k, v in student.cfg.__dict__.items()
                          if k in args.model_overrides)
         print(f"{'student' if teacher else 'model'}: {student.variant} ({what}), "
-              f"{num_classes} classes, device "
+              f"{run.num_classes} classes, device "
               f"{info.device}, world size {info.world_size}" +
-              (f"; teacher: {teacher.variant} from {teacher_path}" if teacher else ""),
-              flush=True)
-
-    val_loader = make_loader(dataset_val, args.batch_size, collate, train=False,
-                             num_workers=args.num_workers, dist_info=info)
-    evaluator = CocoEvaluator.from_dataset(dataset_val)
-
-    def evaluate_fn(model):
-        return evaluate(model, postprocess, val_loader, evaluator, info.device, amp=args.amp,
-                        max_iters=args.max_iters)
+              (f"; teacher: {teacher.variant}" if teacher is not None else ""), flush=True)
+    if args.eval:
+        load_trainable_state(module, read_checkpoint(args.resume),
+                             f"checkpoint {args.resume}", strict_extra=False)
+        stats = run.evaluate(student)
+        if info.is_main:
+            print("eval: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
+        return stats
 
     optimizer = torch.optim.AdamW(
         param_groups(module, args.lr, args.lr_backbone, student.cfg.lr_linear_proj_mult),
         weight_decay=args.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    start_epoch = 0
-    if args.resume and args.eval:
-        ckpt = load_checkpoint(args.resume)
-        if "model" not in ckpt:
-            raise ValueError(f"{args.resume} has no 'model' entry")
-        check_state_fits(student, ckpt["model"], f"checkpoint {args.resume}")
-        student.load_state_dict(ckpt["model"])
-    elif args.resume:
-        start_epoch = resume(module, optimizer, lr_scheduler, args.resume)
-    if args.eval:
-        stats = evaluate_fn(student)
-        if info.is_main:
-            print("eval: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
-        return stats
-
+    start_epoch = resume(module, optimizer, lr_scheduler, args.resume) if args.resume else 0
     if info.distributed:
         module = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    train_loader = make_loader(dataset_train, args.batch_size, collate, train=True,
+    train_loader = make_loader(run.dataset_train, args.batch_size, collate, train=True,
                                seed=args.seed, num_workers=args.num_workers, dist_info=info)
     stats = fit(module, optimizer, lr_scheduler, train_loader, args=args, dist_info=info,
-                evaluate_fn=evaluate_fn, output_dir=args.output_dir, start_epoch=start_epoch,
+                evaluate_fn=run.evaluate, output_dir=args.output_dir, start_epoch=start_epoch,
                 epochs=args.epochs, clip_max_norm=args.clip_max_norm, amp=args.amp,
                 max_iters=args.max_iters, print_every=args.print_every)
     if info.is_main and stats:
         print("final: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()
                                    if k.startswith("test_")), flush=True)
-    if teacher is not None and stats:
-        from common.distill import print_summary, teacher_stats
-        t_stats = teacher_stats(teacher_path, lambda: evaluate(
-            teacher, build_postprocess(teacher), val_loader, evaluator, info.device,
-            amp=args.amp, max_iters=args.max_iters), args)
-        if info.is_main:
-            print_summary(args, t_stats, stats)
     return stats
 
 

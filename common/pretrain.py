@@ -31,7 +31,9 @@ from torch import nn
 if __package__ in (None, ""):  # python common/pretrain.py
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.backbone import _tiny_resnet  # noqa: E402
-from common.engine import save_checkpoint  # noqa: E402
+from common.checkpoint import save_checkpoint  # noqa: E402
+from common.data import (CocoDetection, add_data_args, build_dataset,  # noqa: E402
+                         default_cache_dir)
 
 __all__ = ["crop_dataset", "pretrain_backbone", "ensure_crop_pretrained", "PRETRAIN_VERSION"]
 
@@ -143,7 +145,6 @@ def ensure_crop_pretrained(train, val, width, cache_root, verbose=True):
     (a common.data.CocoDetection; ``val`` gives the un-augmented transform, and 200 images for
     the reported accuracy), trained now when missing; cached under ``cache_root``/backbones.
     Returns its path. No collective calls: under torchrun only the main process calls this."""
-    from common.data import CocoDetection
     key = {"version": PRETRAIN_VERSION, "width": width,
            "train": str(train.ann_file), "info": train.coco.dataset.get("info", {}),
            "num_images": len(train)}
@@ -179,7 +180,6 @@ class _Head:
 
 
 def main(argv=None):
-    from common.data import add_data_args
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=32, help="base width of the tiny backbone")
     parser.add_argument("--threads", type=int, default=None)
@@ -187,7 +187,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from common.data import build_dataset, default_cache_dir
     print(ensure_crop_pretrained(build_dataset("train", args), build_dataset("val", args),
                                  args.width, args.data_cache or default_cache_dir()))
 

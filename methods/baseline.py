@@ -40,9 +40,8 @@ class Detector(nn.Module):
 def main(argv=None):
     parser = cli.build_parser(__doc__.splitlines()[0])
     args, _ = cli.resolve(parser.parse_args(argv))
-    return engine.run_training(
-        args, lambda student, num_classes, teacher: Detector(
-            student, build_criterion(student, num_classes)))
+    run = engine.prepare(args)
+    return engine.train(run, Detector(run.student, build_criterion(run.student, run.num_classes)))
 
 
 if __name__ == "__main__":

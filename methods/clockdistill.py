@@ -73,6 +73,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import distill, engine  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
 
@@ -597,24 +598,6 @@ def visualize(distiller, dataset, out_dir, num_images=4, device="cpu"):
     return written
 
 
-def write_figures(args, cfg, teacher_path):
-    """Rebuild the distiller from the run's checkpoint (or --resume with --eval) and visualize."""
-    from common.data import build_dataset
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else args.device
-    dataset = build_dataset("val", args)
-    path = args.resume if args.eval else os.path.join(args.output_dir, "checkpoint.pth")
-    teacher = distill.freeze(distill.load_detector(
-        teacher_path, dataset.num_classes, device, variant=args.teacher_variant,
-        overrides=args.teacher_overrides, category_ids=dataset.label_to_category))
-    student = distill.load_detector(path, dataset.num_classes, device)
-    distiller = CLoCKDistiller(cfg, teacher, student, dataset.num_classes).to(device)
-    engine.load_trainable_state(distiller, engine.load_checkpoint(path), f"checkpoint {path}")
-    written = visualize(distiller, dataset, args.visualize, args.visualize_images, device)
-    print(f"visualize: wrote {len(written)} figures to {args.visualize}", flush=True)
-    return written
-
-
 # ------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------
@@ -654,15 +637,15 @@ def main(argv=None):
     add_args(parser)
     args = distill.resolve(parser.parse_args(argv))
     cfg = distill.config_from_args(CLoCKConfig, args)
-    if args.visualize and not (args.output_dir or args.eval):
-        raise ValueError("--visualize reads the trained student back: give --output-dir, or "
-                         "--eval --resume CHECKPOINT")
-    teacher_path = distill.ensure_teacher(args)
-    stats = engine.run_training(
-        args, lambda student, num_classes, teacher: CLoCKDistiller(cfg, teacher, student,
-                                                                   num_classes), teacher_path)
-    if args.visualize and engine.is_main_process():
-        write_figures(args, cfg, teacher_path)
+    run = engine.prepare(args)
+    teacher = distill.load_teacher(args, run)
+    distiller = CLoCKDistiller(cfg, teacher, run.student, run.num_classes)
+    stats = engine.train(run, distiller)
+    if args.visualize and is_main_process():  # one process draws
+        written = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images,
+                            run.device)
+        print(f"visualize: wrote {len(written)} figures to {args.visualize}", flush=True)
+    distill.print_summary(args, run, teacher, stats)
     return stats
 
 

@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import distill, engine, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 
 SUPPORTED = ("deformable_detr", "conditional_detr", "dab_detr", "dino")
@@ -589,18 +590,14 @@ def main(argv=None):
     add_method_args(parser)
     args = distill.resolve(parser.parse_args(argv))
     cfg = distill.config_from_args(DETRDistillConfig, args)
-    built = {}
-
-    def build(student, num_classes, teacher):
-        built["module"] = DETRDistill(cfg, teacher, student, num_classes)
-        built["num_classes"] = num_classes
-        return built["module"]
-
-    stats = engine.run_training(args, build, distill.ensure_teacher(args))
-    if args.visualize and engine.is_main_process():
-        from common.data import build_dataset
-        paths = visualize(built["module"], build_dataset("val", args), args.visualize)
+    run = engine.prepare(args)
+    teacher = distill.load_teacher(args, run)
+    distiller = DETRDistill(cfg, teacher, run.student, run.num_classes)
+    stats = engine.train(run, distiller)
+    if args.visualize and is_main_process():  # one process draws
+        paths = visualize(distiller, run.dataset_val, args.visualize)
         print(f"visualize: wrote {len(paths)} figures to {args.visualize}", flush=True)
+    distill.print_summary(args, run, teacher, stats)
     return stats
 
 

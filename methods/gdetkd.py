@@ -65,6 +65,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import distill, engine  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
 
@@ -670,19 +671,13 @@ def main(argv=None):
     parser = add_args(distill.build_parser(__doc__.splitlines()[0]))
     args = distill.resolve(parser.parse_args(argv))
     cfg = distill.config_from_args(GDetKDConfig, args)
-    built = []
-
-    def build(student, num_classes, teacher):
-        built.append(GDetKD(cfg, teacher, student, num_classes))
-        return built[-1]
-
-    stats = engine.run_training(args, build, distill.ensure_teacher(args))
-    if args.visualize and engine.is_main_process():  # one process draws
-        d = built[-1]
-        if args.eval:  # the student-side modules (SGFI's f_embed, adapters) of the checkpoint
-            extra = engine.load_checkpoint(args.resume).get("extra", {})
-            d.load_state_dict({**d.state_dict(), **extra})
-        visualize(d, args, args.visualize)
+    run = engine.prepare(args)
+    teacher = distill.load_teacher(args, run)
+    distiller = GDetKD(cfg, teacher, run.student, run.num_classes)
+    stats = engine.train(run, distiller)
+    if args.visualize and is_main_process():  # one process draws
+        visualize(distiller, args, args.visualize)
+    distill.print_summary(args, run, teacher, stats)
     return stats
 
 

@@ -70,6 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import distill, engine, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.distributed import is_main_process  # noqa: E402
 from common.matcher import pad_targets  # noqa: E402
 
 SUPPORTED = ("conditional_detr", "dab_detr", "deformable_detr", "dino")
@@ -638,18 +639,14 @@ def main(argv=None):
     add_qskd_args(parser)
     args = distill.resolve(parser.parse_args(argv))
     cfg = distill.config_from_args(QSKDConfig, args)
-    built = []
-
-    def build(student, num_classes, teacher):
-        built.append(QSKD(cfg, teacher, student, num_classes))
-        return built[-1]
-
-    stats = engine.run_training(args, build, distill.ensure_teacher(args))
-    if args.visualize and engine.is_main_process():  # one process draws
-        from common.data import build_dataset
-        paths = visualize(built[-1], build_dataset("val", args), args.visualize,
-                          args.visualize_images)
+    run = engine.prepare(args)
+    teacher = distill.load_teacher(args, run)
+    distiller = QSKD(cfg, teacher, run.student, run.num_classes)
+    stats = engine.train(run, distiller)
+    if args.visualize and is_main_process():  # one process draws
+        paths = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images)
         print(f"visualize: wrote {len(paths)} figures to {args.visualize}", flush=True)
+    distill.print_summary(args, run, teacher, stats)
     return stats
 
 

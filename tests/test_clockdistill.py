@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "methods"))
 import baseline  # noqa: E402
 import clockdistill as C  # noqa: E402
 from common import engine  # noqa: E402
+from common.checkpoint import read_checkpoint  # noqa: E402
 from common.detr import build_model  # noqa: E402
 from common.distill import freeze  # noqa: E402
 
@@ -497,7 +498,7 @@ def test_one_iteration_run(run):
     for k in ("train_loss_lcmd", "train_loss_tcld_cls", "train_loss_tcld_bbox",
               "train_loss_tcld_giou", "train_loss_ce", "test_AP"):
         assert k in stats and math.isfinite(stats[k]), k
-    ckpt = engine.load_checkpoint(str(out / "checkpoint.pth"))
+    ckpt = read_checkpoint(str(out / "checkpoint.pth"))
     student = build_model("deformable_detr", ckpt["model"]["class_embed.0.bias"].shape[0],
                           **ckpt["args"]["model_overrides"])
     assert set(ckpt["model"]) == set(student.state_dict())                      # invariant 20

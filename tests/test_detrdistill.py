@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "methods"))
 import baseline  # noqa: E402
 import detrdistill as dd  # noqa: E402
 from common import engine  # noqa: E402
+from common.checkpoint import read_checkpoint  # noqa: E402
 from common.detr import build_model  # noqa: E402
 from common.distill import freeze  # noqa: E402
 
@@ -529,7 +530,7 @@ def test_script_one_iteration(script_run):
 def test_checkpoint_is_the_student_and_loads_into_baseline(script_run):
     # invariant 3: "model" holds the student only (no teacher, no heads); baseline --eval loads it
     tmp, data, teacher, stats = script_run
-    ckpt = engine.load_checkpoint(str(tmp / "student" / "checkpoint.pth"))
+    ckpt = read_checkpoint(str(tmp / "student" / "checkpoint.pth"))
     num_classes = ckpt["model"]["class_embed.0.bias"].shape[0]
     student = build_model("deformable_detr", num_classes, **ckpt["args"]["model_overrides"])
     assert set(ckpt["model"]) == set(student.state_dict())

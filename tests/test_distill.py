@@ -9,6 +9,7 @@ import torch
 
 from common import distill, engine
 from common.checkpoint import ours_to_official
+from common.checkpoint import load_detector, save_checkpoint
 from test_checkpoint import SMALL, images, tiny  # tiny random models, official layouts
 
 
@@ -37,7 +38,7 @@ def test_teacher_is_trained_once_then_cached(tmp_path, monkeypatch):
     # another preset or data setting is another teacher
     assert distill.teacher_cache_path(_args(tmp_path, "--synth-seed", "1")) != path
 
-    teacher = distill.freeze(distill.load_detector(path, 10))
+    teacher = distill.freeze(load_detector(path, 10))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
     assert teacher.variant == "deformable_detr" and teacher.cfg.hidden_dim == 32
 
@@ -48,9 +49,9 @@ def test_teacher_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         distill.ensure_teacher(_args(tmp_path, "--teacher", str(tmp_path / "nope.pth")))
     weights = tmp_path / "weights.pth"
-    engine.save_checkpoint({"model": {}}, str(weights))
+    save_checkpoint({"model": {}}, str(weights))
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
-        distill.load_detector(str(weights), 10)
+        load_detector(str(weights), 10)
 
 
 def test_baseline_cache_key_follows_the_student_and_schedule(tmp_path):
@@ -135,7 +136,7 @@ def test_official_teacher_loads_with_the_data_sets_slots(tmp_path, variant, flag
     path, official = official_file(tmp_path, variant, **kw)
     args = teacher_args(tmp_path, path, variant, *flags)
     assert args.teacher_overrides == {**SMALL, **kw}  # typed: ints, floats, strings, bools
-    teacher = distill.freeze(distill.load_detector(
+    teacher = distill.freeze(load_detector(
         distill.ensure_teacher(args), len(IDS), "cpu", variant=args.teacher_variant,
         overrides=args.teacher_overrides, category_ids=IDS))
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -169,18 +170,18 @@ def test_official_teacher_errors_are_clear(tmp_path):
     path, _ = official_file(tmp_path, "deformable_detr", with_box_refine=True)
     # no --teacher-variant: what to pass
     with pytest.raises(ValueError, match="not a checkpoint of this project.*--teacher-variant"):
-        distill.load_detector(path, len(IDS), category_ids=IDS)
+        load_detector(path, len(IDS), category_ids=IDS)
     # the file's flags are not these: the file is named
     with pytest.raises(ValueError, match=f"{path} is neither .* official deformable_detr"):
-        distill.load_detector(path, len(IDS), variant="deformable_detr", overrides=SMALL,
+        load_detector(path, len(IDS), variant="deformable_detr", overrides=SMALL,
                               category_ids=IDS)
     with pytest.raises(ValueError, match="4 category ids for 5 classes"):
-        distill.load_detector(path, 5, variant="deformable_detr", category_ids=IDS)
+        load_detector(path, 5, variant="deformable_detr", category_ids=IDS)
     # not a checkpoint at all
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=f"could not read {junk}"):
-        distill.load_detector(str(junk), 10, variant="dino")
+        load_detector(str(junk), 10, variant="dino")
     # the command line
     for extra, msg in (
             (["--teacher-arg", "two_stage=true"], "needs --teacher-variant"),
@@ -204,37 +205,26 @@ def test_official_teacher_errors_are_clear(tmp_path):
 def test_our_checkpoints_load_as_before(tmp_path):
     model = tiny("deformable_detr", num_classes=10, with_box_refine=True)
     path = str(tmp_path / "checkpoint.pth")
-    engine.save_checkpoint({"model": model.state_dict(), "epoch": 3, "args": {
+    save_checkpoint({"model": model.state_dict(), "epoch": 3, "args": {
         "variant": "deformable_detr",
         "model_overrides": {**SMALL, "with_box_refine": True, "backbone_weights": "crops"}}},
         path)
     for kw in ({}, {"category_ids": list(range(1, 11))}, {"variant": "deformable_detr"}):
-        loaded = distill.load_detector(path, 10, "cpu", **kw)  # positional, as clockdistill
+        loaded = load_detector(path, 10, "cpu", **kw)  # positional, as clockdistill
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     with pytest.raises(ValueError, match="checkpoint of this project .*for official checkpoints"):
-        distill.load_detector(path, 10, variant="dino")
+        load_detector(path, 10, variant="dino")
     with pytest.raises(ValueError, match="checkpoint of this project .*for official checkpoints"):
-        distill.load_detector(path, 10, overrides={"two_stage": True})
+        load_detector(path, 10, overrides={"two_stage": True})
 
 
-class _Stop(Exception):
-    pass
-
-
-def test_run_training_hands_the_data_sets_ids_to_an_official_teacher(tmp_path):
-    """engine.run_training loads the official teacher with the embedded data's category ids
+def test_load_teacher_hands_the_data_sets_ids_to_an_official_teacher(tmp_path):
+    """distill.load_teacher loads the official teacher with the embedded data's category ids
     (1..10): its heads are the file's slots 1..10."""
     path, official = official_file(tmp_path, "deformable_detr", with_box_refine=True)
     args = teacher_args(tmp_path, path, "deformable_detr", "with_box_refine=true")
-    seen = {}
-
-    def build_module(student, num_classes, teacher):
-        seen.update(num_classes=num_classes, teacher=teacher)
-        raise _Stop
-
-    with pytest.raises(_Stop):
-        engine.run_training(args, build_module, distill.ensure_teacher(args))
-    teacher = seen["teacher"]
-    assert seen["num_classes"] == 10 and teacher.num_classes == 10
+    run = engine.prepare(args)
+    teacher = distill.load_teacher(args, run)
+    assert run.num_classes == 10 and teacher.num_classes == 10
     assert not any(p.requires_grad for p in teacher.parameters())
     assert torch.equal(teacher.class_embed[2].weight, official["class_embed.2.weight"][1:11])

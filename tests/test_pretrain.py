@@ -103,7 +103,7 @@ def test_training_starts_from_the_cached_crop_backbone(tmp_path):
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "methods"))
     import baseline
-    from common.distill import load_detector
+    from common.checkpoint import load_detector
     common = ["--preset", "cpu-tiny", "--synth-num-train", "4", "--synth-num-val", "2",
               "--data-cache", str(tmp_path), "--num-workers", "0", "--max-iters", "1",
               "--threads", "1"]

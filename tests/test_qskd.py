@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "methods"))
 import baseline  # noqa: E402
 import qskd  # noqa: E402
 from common import engine  # noqa: E402
+from common.checkpoint import trainable_state  # noqa: E402
 from common.detr import build_model  # noqa: E402
 from common.distill import freeze  # noqa: E402
 
@@ -409,7 +410,7 @@ def test_distiller_gradients_and_frozen_teacher(variant):
     t_after = teacher(images, masks)
     assert torch.equal(t_before["pred_boxes"], t_after["pred_boxes"])
     # 21: the trainable state is the student plus the adapter, never the teacher
-    state = engine.trainable_state(d)
+    state = trainable_state(d)
     assert set(state["model"]) == set(student.state_dict())
     assert set(state["extra"]) == {"adapter.weight", "adapter.bias"}
 
