@@ -306,17 +306,26 @@ def resolve(args, default_variant="deformable_detr", announce=True):
         else:
             setattr(args, name, getattr(cfg, name, None) if name != "batch_size" else 2)
             sources[name] = f"{args.variant} default"
+    for name in list(MODEL_FLAGS) + list(BOOL_MODEL_FLAGS) + ["pretrained"]:
+        sources.setdefault(name, f"{args.variant} default")
     if args.eval and not args.resume:
         raise ValueError("--eval needs --resume CHECKPOINT (the model to evaluate)")
     if args.resume and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume {args.resume}: no such file")
     args.model_overrides = overrides
+    sources["recipe"] = ("flag" if "recipe" in explicit else
+                         "the method's headline on real data" if recipe_name else "none")
+    sources["preset"] = ("flag" if "preset" in explicit else
+                         "the default on the embedded data" if args.preset else "none")
+    tiny = overrides.get("backbone", cfg.backbone) == "tiny"
     args.settings = {"recipe": recipe_name, "preset": args.preset, "variant": args.variant,
                      **{k: overrides.get(k, getattr(cfg, k, None)) for k in
                         list(MODEL_FLAGS) + list(BOOL_MODEL_FLAGS) + ["pretrained"]
-                        if hasattr(cfg, k)},
+                        if hasattr(cfg, k) and (k != "width" or tiny)},
                      "backbone_init": args.backbone_init,
                      **{k: getattr(args, k) for k in TRAIN_FLAGS}}
+    sources.setdefault("backbone_init", sources.get("pretrained", sources.get(
+        "backbone_weights", sources.get("backbone", "default"))))
     args.sources = sources
     if announce:
         announce_settings(args)
@@ -393,6 +402,9 @@ def announce_settings(args, extra=None):
                   f"Scale --lr and --lr-backbone by {world * args.batch_size}/{total} (linear "
                   f"scaling, README 'Reproducing the papers') or run with the recipe's total",
                   flush=True)
+    if args.eval and not args.model_from_flags:
+        print(f"settings: evaluation only, the model as {args.resume} records it", flush=True)
+        return
     rows = [(k, v, args.sources.get(k, "default")) for k, v in args.settings.items()]
     rows += list(extra or ())
     print("settings:", flush=True)

@@ -126,7 +126,6 @@ def resolve(args):
     args, _ = cli.resolve(args, announce=False)
     explicit = set(args.explicit)
     recipe = recipes.RECIPES[args.recipe] if args.recipe else None
-    extra = []
     for name in getattr(args, "method_fields", None) or ():
         if name in explicit:
             where = "flag"
@@ -137,7 +136,6 @@ def resolve(args):
         else:
             where = f"{args.method} default" if getattr(args, "method", None) else "default"
         args.settings[name], args.sources[name] = getattr(args, name), where
-        extra.append((name, getattr(args, name), where))
     if recipe is not None:
         t = recipe.teacher
         args.settings["teacher_expected"] = " ".join(
@@ -156,7 +154,7 @@ def resolve(args):
         if args.teacher_variant is not None else {}
     if args.teacher_variant is not None:
         check_teacher_fits_recipe(args, args.teacher_variant)
-    cli.announce_settings(args, extra)
+    cli.announce_settings(args)
     return args
 
 
