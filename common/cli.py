@@ -91,6 +91,10 @@ def add_model_args(parser):
                         "real data a method script runs its headline recipe unless --variant "
                         "or --preset is given; 'none' applies no recipe. Flags given "
                         "explicitly override its fields")
+    g.add_argument("--recipe-model", dest="recipe_model", default="student",
+                   choices=["student", "teacher"],
+                   help="methods/baseline.py: train the recipe's student (its baseline, no "
+                        "distillation) or the teacher it expects (same schedule)")
     g.add_argument("--list-recipes", action=_ListRecipes,
                    help="print the recipes with the papers' numbers and exit")
     g.add_argument("--variant", default=None,
@@ -224,6 +228,9 @@ def choose_recipe(args, explicit):
         own = ", ".join(n for n, r in recipes.RECIPES.items() if r.method == method)
         raise ValueError(f"--recipe {name} is a recipe of methods/{recipe.method}.py, not of "
                          f"methods/{method}.py; this script's recipes: {own}")
+    if getattr(args, "recipe_model", "student") == "teacher" and method is not None:
+        raise ValueError("--recipe-model teacher is for methods/baseline.py (it trains the "
+                         "teacher a recipe expects); a method script distils the student")
     if args.preset is not None:
         raise ValueError(f"--recipe {name} and --preset {args.preset} both set the model and "
                          f"schedule: a preset is for CPU runs on the embedded data; give one "
@@ -260,7 +267,11 @@ def resolve(args, default_variant="deformable_detr", announce=True):
     preset = dict(PRESETS[args.preset]) if args.preset else {}
     sources = {}
 
+    model_group = "teacher" if getattr(args, "recipe_model", "student") == "teacher" \
+        else "student"
+
     def source_of(name, group):
+        group = model_group if group == "student" else group
         if recipe is not None and name in getattr(recipe, group):
             return getattr(recipe, group)[name], f"recipe {recipe_name}"
         if name in preset:

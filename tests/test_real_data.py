@@ -468,3 +468,22 @@ def test_official_args_names():
             ("dino", dict(backbone="swin_L_384_22k"), "swin_L_384_22k")):
         with pytest.raises(ValueError, match=match):
             official_model_args(variant, ns(**bad))
+
+
+def test_baseline_trains_a_recipes_student_or_teacher(coco_dir, imagenet_r18, torch_home):
+    """methods/baseline.py --recipe NAME: the recipe's student without distillation (the
+    baseline row), or with --recipe-model teacher the teacher it expects."""
+    parser = cli.build_parser("t")
+    args, _ = cli.resolve(parser.parse_args(coco_flags(coco_dir) + ["--recipe", "qskd-dab-r18"]))
+    assert args.variant == "dab_detr" and args.model_overrides["backbone"] == "resnet18"
+    assert args.model_overrides["pretrained"] is True and args.epochs == 50
+    with pytest.raises(FileNotFoundError, match="put the file resnet101-63fe2227.pth"):
+        cli.resolve(parser.parse_args(coco_flags(coco_dir) + [
+            "--recipe", "qskd-dab-r18", "--recipe-model", "teacher"]))
+    args, _ = cli.resolve(parser.parse_args(coco_flags(coco_dir) + [
+        "--recipe", "qskd-dab-r18", "--recipe-model", "teacher", "--backbone", "resnet18"]))
+    assert args.variant == "dab_detr" and args.settings["num_queries"] == 300
+    assert args.sources["variant"] == "recipe qskd-dab-r18 [paper]"
+    with pytest.raises(ValueError, match="--recipe-model teacher is for methods/baseline.py"):
+        resolve("qskd", coco_flags(coco_dir) + ["--recipe-model", "teacher", "--teacher",
+                                                str(coco_dir)])
