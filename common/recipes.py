@@ -83,7 +83,7 @@ PAPERS = {
 }
 
 # ------------------------------------------------------------------------------------------
-# Shared pieces: the detectors' official schedules (specs: detr-family.md sec. 2)
+# Shared pieces: the detectors' official schedules (each repository's main.py or config)
 # ------------------------------------------------------------------------------------------
 
 # Deformable DETR as DETRDistill's released config trains it: AdamW 2e-4, backbone x0.1,
