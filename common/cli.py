@@ -190,11 +190,6 @@ def _is_main():
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _note(text):
-    if _is_main():
-        print(text, flush=True)
-
-
 def explicit_flags(args):
     """The destinations given on the command line (``ArgumentParser`` records them); for a
     namespace built another way, every model and training setting that is not None."""

@@ -14,9 +14,10 @@ plus each KD term under its own key). Its ``main()`` is
 
 The checkpoint keeps the student (and the method's student-side modules), never the teacher;
 its "model" entry loads into ``methods/baseline.py --eval``. The teacher is a checkpoint of this
-project or an official one (``--teacher-variant``, ``--teacher-arg``: see
-``common.checkpoint.load_detector``), whose COCO class slots are mapped to the data set's
-categories.
+project or an official one (``--teacher-variant``: built from the training args the file
+stores; ``--teacher-arg`` for what they do not say; see ``common.checkpoint.load_detector``),
+whose COCO class slots are mapped to the data set's categories. On real data the teacher is
+required, and a recipe (common/recipes.py) refuses a teacher of another family than its own.
 """
 import argparse
 import hashlib
@@ -58,15 +59,18 @@ def build_parser(description, default_preset="cpu-student"):
     g.add_argument("--teacher-variant", dest="teacher_variant", default=None,
                    choices=sorted(CONFIGS),
                    help="--teacher is an official checkpoint (DETR, Conditional DETR, DAB-DETR, "
-                        "Deformable DETR, DINO-4scale) of this variant; its 91 COCO class slots "
-                        "are mapped to the data set's categories. Checkpoints of this project "
-                        "record their variant: leave it unset for those")
+                        "Deformable DETR, DINO-4scale) of this variant, built from the training "
+                        "args the file stores; its 91 COCO class slots are mapped to the data "
+                        "set's categories. Checkpoints of this project record their variant: "
+                        "leave it unset for those")
     g.add_argument("--teacher-arg", dest="teacher_arg", action="append", default=None,
                    metavar="NAME=VALUE",
                    help="repeatable, with --teacher-variant: a model setting the official file "
                         "was trained with (a field of the variant's config in common/detr.py), "
                         "e.g. with_box_refine=true and two_stage=true for Deformable DETR "
-                        "+refine / two-stage, dilation=true for DC5, num_queries=300")
+                        "+refine / two-stage, dilation=true for DC5, num_queries=300. Only "
+                        "needed for what the file's stored training args do not say: those are "
+                        "read from the file, and a setting that contradicts them is refused")
     parser.set_defaults(default_preset=default_preset)
     return parser
 
