@@ -521,6 +521,3 @@ def test_visualize_writes_figures(run):
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
 
 
-def test_visualize_needs_a_checkpoint():
-    with pytest.raises(ValueError, match="--visualize"):
-        C.main(["--visualize", "/tmp/nowhere", "--teacher", __file__])
