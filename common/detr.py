@@ -61,6 +61,7 @@ class DETRConfig:
     num_queries: int = 100
     pos_temperature: float = 10000.0
     pos_offset: float = 0.0
+    inverse_sigmoid_eps: float = 1e-5  # util/misc.py's inverse_sigmoid clamp
     class_loss: str = "softmax"     # 92-way for COCO (91 slots + no-object)
     eos_coef: float = 0.1
     loss_weights: Tuple[float, float, float] = (1.0, 5.0, 2.0)   # cls, L1, GIoU
@@ -92,6 +93,7 @@ class ConditionalDETRConfig:
     num_queries: int = 300
     pos_temperature: float = 10000.0
     pos_offset: float = 0.0
+    inverse_sigmoid_eps: float = 1e-5  # util/misc.py's inverse_sigmoid clamp
     class_loss: str = "focal"
     focal_alpha: float = 0.25
     loss_weights: Tuple[float, float, float] = (2.0, 5.0, 2.0)
@@ -123,6 +125,7 @@ class DABDETRConfig:
     num_queries: int = 300
     pos_temperature: float = 20.0   # HF's converter uses 10 for the released R50-DC5 model
     pos_offset: float = 0.0
+    inverse_sigmoid_eps: float = 1e-3  # util/misc.py's inverse_sigmoid clamp
     modulate_hw_attn: bool = True
     class_loss: str = "focal"
     focal_alpha: float = 0.25
@@ -158,6 +161,7 @@ class DeformableDETRConfig:
     dec_n_points: int = 4
     pos_temperature: float = 10000.0
     pos_offset: float = -0.5        # pixel centres
+    inverse_sigmoid_eps: float = 1e-5  # util/misc.py's inverse_sigmoid clamp
     with_box_refine: bool = False
     two_stage: bool = False
     class_loss: str = "focal"
@@ -194,6 +198,7 @@ class DINOConfig:
     dec_n_points: int = 4
     pos_temperature: float = 20.0
     pos_offset: float = 0.0
+    inverse_sigmoid_eps: float = 1e-3  # util/misc.py's inverse_sigmoid clamp
     dn_number: int = 100
     dn_box_noise_scale: float = 0.4
     dn_label_noise_ratio: float = 0.5
@@ -361,7 +366,8 @@ class DETRModel(nn.Module):
                 cfg.enc_n_points), cfg.enc_layers)
             t.decoder = DeformableDecoder(DeformableDecoderLayer(
                 D, cfg.dim_feedforward, cfg.dropout, cfg.activation, n_lv, cfg.nheads,
-                cfg.dec_n_points), L, D, dino=(variant == "dino"))
+                cfg.dec_n_points), L, D, dino=(variant == "dino"),
+                inverse_sigmoid_eps=cfg.inverse_sigmoid_eps)
         else:
             self.input_proj = nn.Conv2d(chans[-1], D, kernel_size=1)
             enc_layer = EncoderLayer(D, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation)
@@ -374,7 +380,8 @@ class DETRModel(nn.Module):
                 kw = dict(d_model=D, nhead=cfg.nheads, dim_feedforward=cfg.dim_feedforward,
                           dropout=cfg.dropout, activation=cfg.activation)
                 t.decoder = ConditionalDecoder(kw, L, D, anchor_dim=4 if variant == "dab_detr" else 2,
-                                               modulate_hw_attn=getattr(cfg, "modulate_hw_attn", False))
+                                               modulate_hw_attn=getattr(cfg, "modulate_hw_attn", False),
+                                               inverse_sigmoid_eps=cfg.inverse_sigmoid_eps)
 
         # variant-specific query parameters
         two_stage = variant == "deformable_detr" and cfg.two_stage
@@ -572,7 +579,8 @@ class DETRModel(nn.Module):
             _check_targets(targets, B, self.num_classes)
             dn_content, dn_ref, dn_mask, dn_meta = prepare_cdn(
                 targets, self.cfg.dn_number, self.cfg.dn_label_noise_ratio,
-                self.cfg.dn_box_noise_scale, self.num_classes, content.shape[1], self.label_enc)
+                self.cfg.dn_box_noise_scale, self.num_classes, content.shape[1], self.label_enc,
+                self.cfg.inverse_sigmoid_eps)
             N = dn_meta["num_dn_queries"]
             content = torch.cat([dn_content.to(content.dtype), content], 1)  # DN block first
             ref = torch.cat([dn_ref.to(ref.dtype), ref], 1)
