@@ -65,7 +65,6 @@ def _derive(name, base, doc, change=None, add=(), drop=()):
     defaults in ``change``, and the fields in ``add`` as (name, type, default, after): each
     inserted after the field ``after``."""
     change, drop = dict(change or {}), set(drop)
-    change_orig = dict(change)
     base_names = [f.name for f in fields(base)]
     new_names = [a[0] for a in add]
     for what, names in (("change", change), ("drop", drop), ("add after", [a[3] for a in add])):
@@ -76,13 +75,13 @@ def _derive(name, base, doc, change=None, add=(), drop=()):
     specs = []
     for f in fields(base):
         if f.name not in drop:
-            specs.append((f.name, f.type, field(default=change.pop(f.name, f.default))))
+            specs.append((f.name, f.type, field(default=change.get(f.name, f.default))))
         for n, t, default, after in add:
             if after == f.name:
-                specs.append((n, t, field(default=change.pop(n, default))))
+                specs.append((n, t, field(default=change.get(n, default))))
     doc += (f"\n\nFrom {base.__name__}: " +
             "; ".join(part for part in (
-                ", ".join(f"{k}={v!r}" for k, v in change_orig.items()),
+                ", ".join(f"{k}={v!r}" for k, v in change.items()),
                 ", ".join(f"adds {n}={d!r}" for n, _, d, _ in add),
                 ", ".join(f"drops {n}" for n in sorted(drop))) if part) + ".")
     cls = make_dataclass(name, specs, frozen=True, namespace={"__doc__": doc})

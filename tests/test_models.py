@@ -813,6 +813,44 @@ def test_inverse_sigmoid_eps_of_denoising_anchors_by_hand(eps):
     torch.testing.assert_close(anchors, expect, rtol=1e-5, atol=1e-7)
 
 
+def test_variant_defaults_are_the_official_tables():
+    """The per-variant defaults (common/config.py) against the official values, written out
+    here from the repositories' configs (DETR-family notes, tables 3.1 and 3.2), and DINO as
+    Deformable DETR minus its two flags plus denoising."""
+    from dataclasses import fields
+
+    from common.config import CONFIGS
+    #        queries ffn   dropout act     temp    offset eps   cls       loss       matcher    top-k
+    table = {
+        "detr": (100, 2048, 0.1, "relu", 1e4, 0.0, 1e-5, "softmax", (1, 5, 2), (1, 5, 2), 100),
+        "conditional_detr": (300, 2048, 0.1, "relu", 1e4, 0.0, 1e-5, "focal", (2, 5, 2),
+                             (2, 5, 2), 100),
+        "dab_detr": (300, 2048, 0.0, "prelu", 20, 0.0, 1e-3, "focal", (1, 5, 2), (2, 5, 2), 300),
+        "deformable_detr": (300, 1024, 0.1, "relu", 1e4, -0.5, 1e-5, "focal", (2, 5, 2),
+                            (2, 5, 2), 100),
+        "dino": (900, 2048, 0.0, "relu", 20, 0.0, 1e-3, "focal", (1, 5, 2), (2, 5, 2), 300),
+    }
+    names = ("num_queries", "dim_feedforward", "dropout", "activation", "pos_temperature",
+             "pos_offset", "inverse_sigmoid_eps", "class_loss", "loss_weights",
+             "matcher_weights", "num_select")
+    for variant, row in table.items():
+        cfg = CONFIGS[variant]()
+        assert tuple(getattr(cfg, n) for n in names) == row, variant
+        assert (cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers) == (256, 8, 6, 6)
+        assert hasattr(cfg, "eos_coef") == (variant == "detr")
+        assert hasattr(cfg, "focal_alpha") == (variant != "detr")
+    assert CONFIGS["detr"]().eos_coef == 0.1 and CONFIGS["dino"]().focal_alpha == 0.25
+    dino = {f.name for f in fields(CONFIGS["dino"])}
+    deformable = {f.name for f in fields(CONFIGS["deformable_detr"])}
+    assert dino == deformable - {"with_box_refine", "two_stage"} | \
+        {"dn_number", "dn_box_noise_scale", "dn_label_noise_ratio"}
+    d = CONFIGS["dino"]()
+    assert (d.dn_number, d.dn_box_noise_scale, d.dn_label_noise_ratio) == (100, 0.4, 0.5)
+    assert CONFIGS["dab_detr"]().modulate_hw_attn is True
+    with pytest.raises(TypeError):
+        CONFIGS["dino"](with_box_refine=True)
+
+
 def test_trap13_dn_group_count_follows_the_largest_gt_count():
     """Trap 13: groups = dn_number // (max GT count in the batch), at least 1; the DN block
     (2 * max_gt * groups queries) comes first; the mask is bool, True = blocked."""
