@@ -46,7 +46,9 @@ import tempfile
 import types
 from dataclasses import replace
 
+import numpy as np
 import torch
+import torchvision
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -90,7 +92,6 @@ def official_args(repo, variant, changes):
     src = open(os.path.join(repo, "main.py")).read()
     tree = ast.parse(src)
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "get_args_parser")
-    import numpy as np
     ns = {"argparse": argparse, "np": np, "DictAction": argparse.Action}
     exec(compile(ast.Module([fn], []), "main.py", "exec"), ns)
     args = ns["get_args_parser"]().parse_args(REQUIRED_ARGS.get(variant, []))
@@ -117,16 +118,16 @@ def import_official(repo, variant):
     """Their build function, matcher builder and NestedTensor, with the run-time substitutions
     named in the module docstring."""
     sys.path.insert(0, repo)
-    import torchvision
     real_version = torchvision.__version__
     torchvision.__version__ = "0.9.0"
     try:
         import util.misc as misc
     finally:
         torchvision.__version__ = real_version
-    # DAB-DETR's package also imports its deformable variant: every repository but two needs it
+    # their CUDA op's module, imported by Deformable DETR, DINO and DAB-DETR (whose package also
+    # holds a deformable variant) when their models are imported; never called here
     sys.modules["MultiScaleDeformableAttention"] = types.ModuleType(
-        "MultiScaleDeformableAttention")  # the CUDA op, never called
+        "MultiScaleDeformableAttention")
     if variant == "detr":
         from models import build_model as build
         from models.matcher import build_matcher
@@ -166,8 +167,6 @@ def import_official(repo, variant):
 def no_download(build):
     """``build`` with torchvision's ResNets made without ImageNet weights: their backbone asks
     for ``pretrained=True`` (a download)."""
-    import torchvision
-
     def wrapped(args):
         names = ("resnet18", "resnet34", "resnet50", "resnet101")
         real = {n: getattr(torchvision.models, n) for n in names}
