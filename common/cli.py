@@ -1,7 +1,7 @@
 """Command-line arguments shared by methods/baseline.py and the method scripts.
 
 DETR spellings are kept (``--lr_backbone`` works as well as ``--lr-backbone``). Model flags left
-unset take the variant's official default (common/detr.py) or the chosen ``--preset``; a flag
+unset take the variant's official default (common/config.py) or the chosen ``--preset``; a flag
 given explicitly always wins over the preset.
 """
 import argparse

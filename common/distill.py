@@ -64,7 +64,7 @@ def build_parser(description, default_preset="cpu-student"):
     g.add_argument("--teacher-arg", dest="teacher_arg", action="append", default=None,
                    metavar="NAME=VALUE",
                    help="repeatable, with --teacher-variant: a model setting the official file "
-                        "was trained with (a field of the variant's config in common/detr.py), "
+                        "was trained with (a field of the variant's config in common/config.py), "
                         "e.g. with_box_refine=true and two_stage=true for Deformable DETR "
                         "+refine / two-stage, dilation=true for DC5, num_queries=300")
     parser.set_defaults(default_preset=default_preset)
