@@ -32,7 +32,8 @@ random label embedding and box MLP (4 -> 64 -> D) as query builder; every decode
     level (at least one cell), the smallest covering box sets S, padded cells get M = S = 0.
   - adapter: identity for equal widths, else a linear map of the student memory (= 1x1 conv).
   - target-aware queries: the GT box itself is the anchor (DAB-DETR, DINO) or reference (its
-    centre for Deformable DETR without box refinement / two-stage, and for Conditional DETR);
+    centre for Deformable DETR without box refinement / two-stage, and for Conditional DETR),
+    chosen for each model on its own (a refining teacher gets the box, a plain student the centre);
     the positional query comes from each model's own anchor path, or from the frozen box MLP
     where the model has none; no noise, one group; when teacher and student widths differ each
     width has its own frozen random builder (same label and box, different fixed projections).
@@ -45,6 +46,9 @@ random label embedding and box MLP (4 -> 64 -> D) as query builder; every decode
     gradient to the student).
   - teacher layers for a shallower student: student layer i <-> teacher layer ceil((i+1) L_T/L_S)-1.
   - extra_random_queries: fixed random (label, box) points through the same builder.
+  - teacher_queries_through_student: the student decodes the teacher's queries at the teacher's
+    references (Conditional DETR: the teacher's reference points, not the student's own
+    ref_point_head applied to the teacher's positional queries).
 Pairs: same family, one of dab_detr, deformable_detr, dino ([abs]) and conditional_detr ([recon]).
 
 Measured on the embedded CPU data (bench/RESULTS.md section 5): with these defaults L_lcmd is
@@ -61,7 +65,7 @@ target-aware queries are.
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -324,21 +328,34 @@ def teacher_layers(num_student, num_teacher):
     return [math.ceil((i + 1) * num_teacher / num_student) - 1 for i in range(num_student)]
 
 
+def reference_form(model):
+    """How ``model`` takes a target-aware reference [recon] (spec C2.1 table, per model): 4 = the
+    whole GT box (the 4-D anchors of DAB-DETR and DINO; Deformable DETR with box refinement or
+    two-stage), 2 = its centre (Deformable DETR without them, Conditional DETR). Chosen for each
+    model on its own, as G-DetKD's RoI queries are, so a plain Deformable student gets points
+    even when its teacher refines boxes."""
+    if model.variant in ("dab_detr", "dino"):
+        return 4
+    if model.variant == "deformable_detr" and (model.cfg.with_box_refine or model.cfg.two_stage):
+        return 4
+    return 2
+
+
 class TargetQueryBuilder(nn.Module):
     """Frozen map (label, GT box) -> decoder queries of one model width D (spec C2.1). Never
     trained: the embedding and MLP are fixed random projections [proto]; built under no_grad.
 
     project (default) [recon]: content = Embedding(num_classes, D)(label); the reference is the
-        box (4-D anchors of DAB-DETR / DINO, Deformable with refinement / two-stage) or its centre
-        (other Deformable, Conditional DETR); pos = MLP 4 -> 64 -> D (inverse_sigmoid(box)) where
-        the model needs an explicit positional query, else None (its own anchor path).
+        GT box, cut per model by ``reference_form`` (the box for 4-D anchors, its centre for
+        2-D points); pos = MLP 4 -> 64 -> D (inverse_sigmoid(box)) where the model needs an
+        explicit positional query, else None (its own anchor path).
     prototype [proto]: content = [Embedding(num_classes + 1, D - 1)(label) | 1]; pos = the MLP;
         reference = sigmoid(Linear(D, 2)(pos)), a frozen random point (not the GT centre).
     """
 
-    def __init__(self, num_classes, D, variant, box_reference, prototype=False, label_weight=None):
+    def __init__(self, num_classes, D, variant, prototype=False, label_weight=None):
         super().__init__()
-        self.variant, self.box_reference, self.prototype = variant, box_reference, prototype
+        self.variant, self.prototype = variant, prototype
         self.needs_pos = variant in ("deformable_detr", "conditional_detr")
         if prototype:
             self.label_embed = nn.Embedding(num_classes + 1, D - 1)
@@ -353,13 +370,14 @@ class TargetQueryBuilder(nn.Module):
     @torch.no_grad()
     def forward(self, labels, boxes):
         """labels (N,) int64, boxes (N,4) cxcywh -> content (N,D), pos (N,D) or None,
-        reference (N,2|4)."""
+        reference (N,4) the GT box (project; ``reference_form`` cuts it per model) or (N,2) the
+        frozen random point (prototype)."""
         content = self.label_embed(labels)                               # (N,D) or (N,D-1)
         pos = self.box_mlp(inverse_sigmoid(boxes)) if self.box_mlp is not None else None
         if self.prototype:  # DN-DETR label encoding: a constant indicator channel
             content = torch.cat([content, torch.ones_like(content[:, :1])], -1)
             return content, pos, self.ref_point(pos).sigmoid()
-        return content, pos, (boxes if self.box_reference else boxes[:, :2])
+        return content, pos, boxes
 
 
 # ------------------------------------------------------------------------------------------
@@ -412,10 +430,8 @@ class CLoCKDistiller(nn.Module):
         if cfg.lcmd:
             self.weight_dict["loss_lcmd"] = cfg.lambda_lcmd
         if cfg.tcld:
-            box_ref = s.variant in ("dab_detr", "dino") or (s.variant == "deformable_detr" and any(
-                m.cfg.with_box_refine or m.cfg.two_stage for m in (t, s)))
             label_w = t.label_enc.weight if cfg.content_embed == "teacher_dn" else None
-            kw = dict(num_classes=num_classes, variant=s.variant, box_reference=box_ref,
+            kw = dict(num_classes=num_classes, variant=s.variant,
                       prototype=cfg.query_builder == "prototype", label_weight=label_w)
             self.builder_t = TargetQueryBuilder(D=Dt, **kw)
             # equal widths: the very same tensors go to both decoders (spec C2.1)
@@ -440,16 +456,18 @@ class CLoCKDistiller(nn.Module):
         return self
 
     # -- target-aware queries -------------------------------------------------------------
-    def target_queries(self, targets, builder):
+    def target_queries(self, targets, builder, model=None):
         """Per image, the Queries (batch of one) built from its GT, repeated ``groups`` times,
-        plus the fixed random points; all without grad_fn (spec C2.1)."""
+        plus the fixed random points, in the reference form of ``model`` (the teacher when
+        None): the GT box or its centre; all without grad_fn (spec C2.1)."""
+        dim = reference_form(self.teacher if model is None else model)
         out = []
         for tg in targets:
             labels = torch.cat([tg["labels"].repeat(self.cfg.groups), self.extra_labels])
             boxes = torch.cat([tg["boxes"].float().repeat(self.cfg.groups, 1), self.extra_boxes])
-            content, pos, ref = builder(labels, boxes)
+            content, pos, ref = builder(labels, boxes)                   # ref (n,4) or (n,2)
             out.append(Queries(content[None], pos=None if pos is None else pos[None],
-                               reference=ref[None]))
+                               reference=ref[None, :, :dim]))
         return out
 
     @staticmethod
@@ -473,10 +491,10 @@ class CLoCKDistiller(nn.Module):
         """Teacher (no grad) and student outputs of the target-aware pass; the teacher's layers
         are mapped onto the student's: both (L_S,N,C) and (L_S,N,4)."""
         with torch.no_grad():
-            zt, bt = self.decode_each(self.teacher, enc_t, self.target_queries(targets,
-                                                                               self.builder_t))
-        zs, bs = self.decode_each(self.student, enc_s, self.target_queries(targets,
-                                                                           self.builder_s))
+            zt, bt = self.decode_each(self.teacher, enc_t, self.target_queries(
+                targets, self.builder_t, self.teacher))
+        zs, bs = self.decode_each(self.student, enc_s, self.target_queries(
+            targets, self.builder_s, self.student))
         return zs, bs, zt[self.layer_map], bt[self.layer_map]
 
     def _tcld(self, zs, bs, zt, bt, prefix):
@@ -512,7 +530,12 @@ class CLoCKDistiller(nn.Module):
             if c.teacher_queries_through_student:  # optional extension [proto]
                 with torch.no_grad():
                     dec_t = self.teacher.decode(enc_t)
-                dec_st = self.student.decode(enc_s, queries=dec_t.queries)
+                q_t = dec_t.queries
+                if q_t.reference is None:  # Conditional DETR: the teacher's own reference
+                    # points sigmoid(ref_point_head(pos)), fixed for all its layers, (B,Q,2);
+                    # the student decodes at them instead of recomputing its own
+                    q_t = replace(q_t, reference=dec_t.refs_in[0])
+                dec_st = self.student.decode(enc_s, queries=q_t)
                 losses.update(self._tcld(dec_st.logits, dec_st.boxes, dec_t.logits[self.layer_map],
                                          dec_t.boxes[self.layer_map], "tq"))
         return losses
