@@ -73,6 +73,7 @@ from common.criterion import build_criterion  # noqa: E402
 from common.matcher import pad_targets  # noqa: E402
 
 SUPPORTED = ("conditional_detr", "dab_detr", "deformable_detr", "dino")
+COSINE_FLOOR = 0.01  # DETRDistill's TAFD mask floor, clamp(min=1e-2) [code]
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,7 +99,8 @@ class QSKDConfig:
     agfd_layers: str = _f("last", "teacher layer(s) whose selection builds the mask: last, or all "
                                   "(averaged)")
     attention_source: str = _f("attention", "a_i: real cross-attention (dense weights or splatted "
-                                            "deformable samples), similarity, or cosine")
+                                            "deformable samples), similarity, or cosine "
+                                            "(DETRDistill's map: summed cosines floored at 0.01)")
     query_weight: str = _f("uniform", "w_i: uniform (1), or confidence (teacher's max sigmoid)")
     mask_norm: str = _f("max", "mask normalisation per image and level: max or sum")
     feature_source: str = _f("memory", "imitated features: encoder memory, or neck (input "
@@ -248,17 +250,18 @@ def splat_attention_map(sampling_locations, attention_weights, spatial_shapes_li
 
 
 def similarity_map(hs, feats, padding_mask, query_weights, kind="similarity"):
-    """Attention-agnostic surrogates of a_i: "similarity" softmax_s(<h_i, F_s> / sqrt(d)) over the
-    non-padded positions; "cosine" max(cos(h_i, F_s), 0) (DETRDistill's cosine map, clamped).
+    """Attention-agnostic surrogates of sum_i w_i a_i: "similarity" sum_i w_i softmax_s(<h_i, F_s>
+    / sqrt(d)) over the non-padded positions; "cosine" DETRDistill's map (its TAFD mask, A4):
+    max(sum_i w_i cos(h_i, F_s), 0.01), the signed cosines summed first, then floored.
 
     hs (B,Q,D) teacher decoder states; feats (B,S,D) teacher features; padding_mask (B,S) True on
-    padding; query_weights (B,Q) -> (B,S)."""
+    padding (0 there); query_weights (B,Q) -> (B,S)."""
     if kind == "cosine":
         a = torch.einsum("bqd,bsd->bqs", F.normalize(hs, dim=-1), F.normalize(feats, dim=-1))
-        a = a.clamp(min=0.0)
-    else:
-        a = torch.einsum("bqd,bsd->bqs", hs, feats) / math.sqrt(hs.shape[-1])  # (B,Q,S)
-        a = a.masked_fill(padding_mask[:, None, :], float("-inf")).softmax(-1)
+        raw = torch.einsum("bq,bqs->bs", query_weights, a).clamp(min=COSINE_FLOOR)  # (B,S)
+        return raw.masked_fill(padding_mask, 0.0)
+    a = torch.einsum("bqd,bsd->bqs", hs, feats) / math.sqrt(hs.shape[-1])      # (B,Q,S)
+    a = a.masked_fill(padding_mask[:, None, :], float("-inf")).softmax(-1)
     return torch.einsum("bq,bqs->bs", query_weights, a.masked_fill(padding_mask[:, None, :], 0.0))
 
 
