@@ -42,8 +42,12 @@ Reconstructed [recon], because the paper and code leave it open:
       DAB-DETR the teacher's anchor boxes. When d_T != d_S a trainable linear projection maps
       the teacher's query vectors to the student's width;
     - d_T != d_S in TAFD: a 1x1 conv adapter per level on the student side;
-    - QPAD reuses the student's encoder output instead of a second encoder pass (identical
-      with dropout off, as in every preset here; the official code recomputes it);
+    - QPAD runs the student's encoder a second time for the teacher-query group, on the same
+      input projections, with fresh dropout, as the official ``forward_train_teacher_group``
+      recomputes the transformer on the neck features; ``--qpad-reuse-encoder`` reuses the main
+      pass's encoder output instead (cheaper). The two agree only with dropout 0 (the CPU
+      presets); the COCO configs use dropout 0.1 (Deformable DETR, Conditional DETR), where
+      they differ;
     - QPAD and detection use the student's own loss weights (Deformable DETR: 2 / 5 / 2);
     - DINO's denoising queries take part in none of the KD terms (only in the student's loss).
 Not ported: the FGD modules of the released config (built but never called).
@@ -54,7 +58,7 @@ dab_detr, dino. Plain DETR is refused (softmax classes: HMLD distils sigmoid pro
 """
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -78,6 +82,7 @@ class DETRDistillConfig:
     use_tafd: bool = True               # C2 [code]
     use_qpad: bool = True               # C3 [code] (use_teacher_group=True)
     use_query_contrastive: bool = True  # C4 [code]; False = paper-faithful variant (A10)
+    qpad_reuse_encoder: bool = False    # C3: False = a second student encoder pass [code]
     # per-term multipliers [recon]: the code adds every term with weight 1
     w_hmld: float = 1.0
     w_tafd: float = 1.0
@@ -119,6 +124,21 @@ def layer_mapping(num_student: int, num_teacher: int, mode: str = "ceil"):
                              f"({num_student}) than teacher layers ({num_teacher}); use 'ceil'")
         return list(range(num_teacher - num_student, num_teacher))
     raise ValueError(f"layer_map must be 'ceil' or 'last', got {mode!r}")
+
+
+def rerun_encoder(model, enc):
+    """The encoder of ``model`` run once more on the same input projections, masks and
+    positions (fresh dropout): the official QPAD group recomputes the transformer on the neck
+    features [code]. Returns ``enc`` with the new memory (B,S,D); proposals are dropped (decoding
+    given queries does not read them)."""
+    src = torch.cat([f.flatten(2).transpose(1, 2) for f in enc.features], 1)      # (B,S,D)
+    t = model.transformer
+    if model.variant in ("deformable_detr", "dino"):
+        memory = t.encoder(src, enc.pos_flatten, enc.spatial_shapes, enc.spatial_shapes_list,
+                           enc.level_start_index, enc.valid_ratios, enc.mask_flatten)
+    else:
+        memory = t.encoder(src, enc.pos_flatten, enc.mask_flatten)
+    return replace(enc, memory=memory, proposals=None)
 
 
 def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
@@ -399,8 +419,10 @@ class DETRDistill(nn.Module):
         t_enc, t_dec = self.run_teacher(images, masks)
         s_enc = self.student.encode(images, masks)
         s_dec = self.student.decode(s_enc, targets=targets)
-        q_dec = (self.student.decode(s_enc, queries=self.qpad_queries(t_dec))
-                 if cfg.use_qpad else None)  # no targets: no denoising groups in this pass
+        q_dec = None
+        if cfg.use_qpad:  # no targets: no denoising groups in this pass
+            q_enc = s_enc if cfg.qpad_reuse_encoder else rerun_encoder(self.student, s_enc)
+            q_dec = self.student.decode(q_enc, queries=self.qpad_queries(t_dec))
         sfx = [""] * L
         sfx[:-1] = [f"_{i}" for i in range(L - 1)]  # DETR's aux-loss suffixes: last layer none
         with torch.autocast(device_type=images.device.type, enabled=False):  # losses in fp32
@@ -573,7 +595,9 @@ def add_method_args(parser):
              "use_qpad": "C3 query-prior assignment distillation",
              "use_query_contrastive": "C4 InfoNCE on matched decoder states (released code "
                                       "only)",
-             "clamp_teacher_boxes": "clip HMLD pseudo boxes to the image"}
+             "clamp_teacher_boxes": "clip HMLD pseudo boxes to the image",
+             "qpad_reuse_encoder": "QPAD decodes over the main pass's encoder output instead "
+                                   "of a second encoder pass with its own dropout"}
     flags = {"use_hmld": "hmld", "use_tafd": "tafd", "use_qpad": "qpad",
              "use_query_contrastive": "query-contrastive"}
     choices = {"feature_source": ["neck", "encoder_memory"], "layer_map": ["ceil", "last"]}

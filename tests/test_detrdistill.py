@@ -398,6 +398,38 @@ def test_qpad_does_not_touch_the_students_own_outputs():
     assert "loss_qpad_ce" in a and not any(k.startswith("loss_qpad") for k in b)
 
 
+@pytest.mark.parametrize("variant", ["deformable_detr", "conditional_detr"])
+def test_qpad_group_gets_its_own_encoder_pass(variant):
+    """The official forward_train_teacher_group recomputes the student transformer for the
+    teacher-query group: a second encoder call with its own dropout. With dropout 0 (the CPU
+    presets) that is exactly the reused encoding: same losses, same random stream afterwards."""
+    calls = []
+    m = distiller(variant=variant, student_kw=dict(dropout=0.1))
+    m.student.transformer.encoder.register_forward_hook(lambda mod, i, o: calls.append(o))
+    m.train()
+    torch.manual_seed(3)
+    fresh = m(*batch())
+    assert len(calls) == 2 and not torch.allclose(calls[0], calls[1])   # dropout drew anew
+    reuse = dd.DETRDistill(dd.DETRDistillConfig(qpad_reuse_encoder=True), m.teacher, m.student, C)
+    calls.clear()
+    torch.manual_seed(3)
+    reused = reuse.train()(*batch())
+    assert len(calls) == 1
+    assert torch.equal(fresh["loss_ce"], reused["loss_ce"])            # the main pass is the same
+    assert not torch.equal(fresh["loss_qpad_ce"], reused["loss_qpad_ce"])
+    # dropout 0: the recomputation is a no-op (the presets' numbers do not move)
+    m0 = distiller(variant=variant)
+    r0 = copy.deepcopy(m0)  # the same student-side modules (InfoNCE heads) in both
+    r0.cfg = dd.DETRDistillConfig(qpad_reuse_encoder=True)
+    torch.manual_seed(4)
+    a = m0.train()(*batch())
+    state_a = torch.get_rng_state()
+    torch.manual_seed(4)
+    b = r0.train()(*batch())
+    assert torch.equal(state_a, torch.get_rng_state())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_qpad_queries_per_family():
     # A8: which teacher queries reach the student decoder
     m = distiller()
