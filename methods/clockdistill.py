@@ -41,7 +41,10 @@ random label embedding and box MLP (4 -> 64 -> D) as query builder; every decode
     all), because the model contract has no per-image query padding mask; the loss also takes a
     validity mask so padded layouts are handled.
   - L_tcld divides every term by sum(w) and sums L1 over the 4 coordinates (tcld_norm='prototype'
-    gives the prototype's mixed form); kd_cls='sigmoid_bce' is a per-class Bernoulli KL.
+    gives the prototype's mixed form); sum(w) is averaged over processes, as the detection loss's
+    box count, so N processes x batch b train like one process x batch N b (the prototype's
+    unnormalised class term is a sum and does not have this property); kd_cls='sigmoid_bce' is
+    a per-class Bernoulli KL.
   - class KD with the student in the prediction slot (the prototype's argument order sends no
     gradient to the student).
   - teacher layers for a shallower student: student layer i <-> teacher layer ceil((i+1) L_T/L_S)-1.
@@ -69,6 +72,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
@@ -263,16 +267,28 @@ def class_kd(logits_s, logits_t, tau, kd_cls="softmax_kl"):
     return kl * tau ** 2
 
 
-def tcld_layer(logits_s, boxes_s, logits_t, boxes_t, w, tau, kd_cls="softmax_kl", norm="project"):
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """A normaliser averaged over processes, as the detection loss's box count, so that N
+    processes x batch b train like one process x batch N b; the value itself alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
+def tcld_layer(logits_s, boxes_s, logits_t, boxes_t, w, tau, kd_cls="softmax_kl", norm="project",
+               total=None):
     """One decoder layer of L_tcld (spec C2.3) over N corresponding queries.
 
     logits (N,C), boxes (N,4) normalised cxcywh, w (N,) teacher confidence. Returns the
     unweighted (cls, L1, GIoU) terms; lambda_cls / L1 / GIoU live in the weight_dict.
         project:   sum w KL_c-sum / sum w,   sum w |db|_1 / sum w,   sum w (1 - GIoU) / sum w
         prototype: sum w KL_c-mean,          sum w mean_4 |db| / sum w, sum w (1 - GIoU) / sum w
+    ``total`` replaces sum w (tcld_loss passes it averaged over processes) [recon].
     """
     w = w.detach()
-    total = w.sum().clamp(min=1e-6)
+    total = (w.sum() if total is None else total).clamp(min=1e-6)
     kl = class_kd(logits_s, logits_t, tau, kd_cls)                       # (N,C)
     diff = (boxes_s - boxes_t.detach()).abs()                            # (N,4)
     # element-wise 1 - GIoU on corners; eps = smallest normal float as in common/criterion.py
@@ -296,7 +312,8 @@ def tcld_loss(logits_s, boxes_s, logits_t, boxes_t, valid=None, *, tau=10.0,
     logits_* (L,...,C), boxes_* (L,...,4): the same query layout in both models and the same
     number of layers L (pick the teacher's layers first); ``valid`` (...) bool marks the real
     query slots (padded slots are never read, whatever they hold). Returns a dict of the three
-    terms, each summed over layers."""
+    terms, each summed over layers. Each layer's sum w is averaged over processes (one
+    all-reduce, also on a process without queries), as the detection loss's box count [recon]."""
     if logits_s.shape != logits_t.shape or boxes_s.shape != boxes_t.shape:
         raise ValueError(f"student and teacher outputs differ in shape: logits "
                          f"{tuple(logits_s.shape)} vs {tuple(logits_t.shape)}, boxes "
@@ -312,11 +329,13 @@ def tcld_loss(logits_s, boxes_s, logits_t, boxes_t, valid=None, *, tau=10.0,
     logits_t, boxes_t = logits_t.reshape(L, -1, C).float(), boxes_t.reshape(L, -1, 4).float()
     zero = logits_s.sum() * 0.0  # keeps the keys (and the graph) when there is no query
     out = {"cls": zero, "bbox": zero, "giou": zero}
+    w = confidence_weight(logits_t) if conf_weight else torch.ones_like(logits_t[..., 0])  # (L,N)
+    totals = mean_over_processes(w.sum(1))                               # (L,) sum w per layer
     if logits_s.shape[1] == 0:
         return out
     for e in range(L):
-        w = confidence_weight(logits_t[e]) if conf_weight else torch.ones_like(logits_t[e, :, 0])
-        terms = tcld_layer(logits_s[e], boxes_s[e], logits_t[e], boxes_t[e], w, tau, kd_cls, norm)
+        terms = tcld_layer(logits_s[e], boxes_s[e], logits_t[e], boxes_t[e], w[e], tau, kd_cls,
+                           norm, totals[e])
         for k, v in zip(("cls", "bbox", "giou"), terms):
             out[k] = out[k] + v
     return out
