@@ -453,7 +453,8 @@ class CLoCKDistiller(nn.Module):
             kw = dict(num_classes=num_classes, variant=s.variant,
                       prototype=cfg.query_builder == "prototype", label_weight=label_w)
             self.builder_t = TargetQueryBuilder(D=Dt, **kw)
-            # equal widths: the very same tensors go to both decoders (spec C2.1)
+            # equal widths: the very same content and positional tensors go to both decoders
+            # (spec C2.1); the reference is cut to each model's form (box or centre)
             self.builder_s = self.builder_t if Ds == Dt else TargetQueryBuilder(D=Ds, **kw)
             n = cfg.extra_random_queries  # fixed random (label, box) points [proto][recon]
             self.register_buffer("extra_labels", torch.randint(0, num_classes, (n,)))
