@@ -531,7 +531,8 @@ def test_one_iteration_run_and_checkpoint(run):  # invariant 18
     ckpt = torch.load(tmp / "student" / "checkpoint.pth", weights_only=True)
     assert not any(k.startswith(("sgfi", "ckd", "roi_queries", "teacher")) for k in ckpt["model"])
     assert any(k.startswith("sgfi.") for k in ckpt["extra"])
-    assert any(k.startswith("ckd_adapter.") for k in ckpt["extra"])
+    assert any(k.startswith("ckd_head.") for k in ckpt["extra"])     # f_theta (equal widths)
+    assert len(ckpt["extra"]["queue._extra_state"]["items"]) == 1       # the queue, for resume
     again = baseline.main(common + ["--eval", "--resume", str(tmp / "student" / "checkpoint.pth")])
     assert again["AP"] == stats["test_AP"]
 
