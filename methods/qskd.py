@@ -30,11 +30,14 @@ every one is a flag so it can be set to the paper's value once verified:
   - AGFD: teacher's last decoder layer selects; head-averaged cross-attention (dense weights, or
     deformable sampling weights splatted bilinearly onto each level); mask = sum of maps,
     max-normalised per image and level; masked MSE on the encoder memory normalised by
-    sum(M) * d per level, summed over levels; linear adapter only when widths differ; weight 1.
+    sum(M) * d per level (sum(M) averaged over processes), summed over levels; linear adapter
+    only when widths differ; weight 1.
   - LAPD: Hungarian match inside each group pair, cost 1 * soft-BCE + 5 * L1 - 2 * GIoU (the
     DETRDistill HMLD cost, [code]: BIVLab-USTC/DETRDistill DistillCrossEntropyLossCost); loss
     lambda_cls * soft-BCE (DETRDistill's distill_cross_entropy_loss, [code]) + 5 L1 + 2 (1-GIoU)
-    per pair, averaged over the pairs of the local batch; every layer, student layer i against
+    per pair, averaged over the pairs (their count averaged over processes, as the detection
+    loss's box count: N processes x batch b train like one x batch N b); every layer, student
+    layer i against
     teacher layer ceil(i * L_T / L_S) (1-based); the "kl" class option's temperature is a
     placeholder (1) with no source value.
   - DINO's denoising queries never enter GQS, AGFD or LAPD; no teacher-query injection, no
@@ -62,6 +65,7 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
@@ -74,6 +78,7 @@ from common.distributed import is_main_process  # noqa: E402
 from common.matcher import pad_targets  # noqa: E402
 
 SUPPORTED = ("conditional_detr", "dab_detr", "deformable_detr", "dino")
+COSINE_FLOOR = 0.01  # DETRDistill's TAFD mask floor, clamp(min=1e-2) [code]
 
 
 # ------------------------------------------------------------------------------------------
@@ -99,7 +104,8 @@ class QSKDConfig:
     agfd_layers: str = _f("last", "teacher layer(s) whose selection builds the mask: last, or all "
                                   "(averaged)")
     attention_source: str = _f("attention", "a_i: real cross-attention (dense weights or splatted "
-                                            "deformable samples), similarity, or cosine")
+                                            "deformable samples), similarity, or cosine "
+                                            "(DETRDistill's map: summed cosines floored at 0.01)")
     query_weight: str = _f("uniform", "w_i: uniform (1), or confidence (teacher's max sigmoid)")
     mask_norm: str = _f("max", "mask normalisation per image and level: max or sum")
     feature_source: str = _f("memory", "imitated features: encoder memory, or neck (input "
@@ -249,17 +255,18 @@ def splat_attention_map(sampling_locations, attention_weights, spatial_shapes_li
 
 
 def similarity_map(hs, feats, padding_mask, query_weights, kind="similarity"):
-    """Attention-agnostic surrogates of a_i: "similarity" softmax_s(<h_i, F_s> / sqrt(d)) over the
-    non-padded positions; "cosine" max(cos(h_i, F_s), 0) (DETRDistill's cosine map, clamped).
+    """Attention-agnostic surrogates of sum_i w_i a_i: "similarity" sum_i w_i softmax_s(<h_i, F_s>
+    / sqrt(d)) over the non-padded positions; "cosine" DETRDistill's map (its TAFD mask, A4):
+    max(sum_i w_i cos(h_i, F_s), 0.01), the signed cosines summed first, then floored.
 
     hs (B,Q,D) teacher decoder states; feats (B,S,D) teacher features; padding_mask (B,S) True on
-    padding; query_weights (B,Q) -> (B,S)."""
+    padding (0 there); query_weights (B,Q) -> (B,S)."""
     if kind == "cosine":
         a = torch.einsum("bqd,bsd->bqs", F.normalize(hs, dim=-1), F.normalize(feats, dim=-1))
-        a = a.clamp(min=0.0)
-    else:
-        a = torch.einsum("bqd,bsd->bqs", hs, feats) / math.sqrt(hs.shape[-1])  # (B,Q,S)
-        a = a.masked_fill(padding_mask[:, None, :], float("-inf")).softmax(-1)
+        raw = torch.einsum("bq,bqs->bs", query_weights, a).clamp(min=COSINE_FLOOR)  # (B,S)
+        return raw.masked_fill(padding_mask, 0.0)
+    a = torch.einsum("bqd,bsd->bqs", hs, feats) / math.sqrt(hs.shape[-1])      # (B,Q,S)
+    a = a.masked_fill(padding_mask[:, None, :], float("-inf")).softmax(-1)
     return torch.einsum("bq,bqs->bs", query_weights, a.masked_fill(padding_mask[:, None, :], 0.0))
 
 
@@ -273,17 +280,30 @@ def normalise_mask(raw, spatial_shapes_list, mode="max"):
     return torch.cat(out, 1)
 
 
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """A normaliser averaged over processes, as the detection loss's box count, so that N
+    processes x batch b train like one process x batch N b; the value itself alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
 def agfd_loss(feat_teacher, feat_student, mask, spatial_shapes_list):
     """L_AGFD = sum_levels [ sum_hw M_hw ||F^T_hw - phi(F^S_hw)||^2 / (sum_hw M_hw * d) ]
-    (spec C2 eq.), sums over the level's cells and the batch; an all-zero mask gives 0.
+    (spec C2 eq.), sums over the level's cells and the batch; sum_hw M_hw is averaged over
+    processes; an all-zero mask gives 0.
 
     feat_teacher, feat_student (B,S,d) (the student already through the adapter phi); mask (B,S)."""
     d = feat_teacher.shape[-1]
     err = (feat_teacher - feat_student).pow(2).sum(-1)                          # (B,S)
     sizes = [h * w for h, w in spatial_shapes_list]
+    masks, errs = mask.split(sizes, 1), err.split(sizes, 1)
+    mass = mean_over_processes(torch.stack([m.sum() for m in masks]))           # (levels,)
     loss = feat_student.new_zeros(())
-    for m, e in zip(mask.split(sizes, 1), err.split(sizes, 1)):
-        loss = loss + (m * e).sum() / (m.sum() * d).clamp(min=torch.finfo(m.dtype).tiny)
+    for m, e, n in zip(masks, errs, mass):
+        loss = loss + (m * e).sum() / (n * d).clamp(min=torch.finfo(m.dtype).tiny)
     return loss
 
 
@@ -381,13 +401,15 @@ def local_pairs(blocks, cfg: QSKDConfig):
 
 def lapd_loss(z_s, b_s, z_t, b_t, cfg: QSKDConfig):
     """L_LAPD^l (spec C3.3) over the K pairs of a layer: z (K,C) logits, b (K,4) cxcywh ->
-    (1/max(K,1)) sum [lambda_cls KD_cls + lambda_l1 |b_s - b_t|_1 + lambda_giou (1 - GIoU)].
+    (1/max(K',1)) sum [lambda_cls KD_cls + lambda_l1 |b_s - b_t|_1 + lambda_giou (1 - GIoU)],
+    K' = the pair count averaged over processes (K alone).
     The soft BCE's minimum is the teacher's entropy, not 0: the logged value never reaches 0."""
     cls = kd_cls_loss(z_s, z_t, cfg.kd_cls, cfg.temperature).sum()
     l1 = (b_s - b_t).abs().sum()
     giou = generalized_box_iou_loss(cxcywh_to_xyxy(b_s), cxcywh_to_xyxy(b_t), reduction="sum",
                                     eps=torch.finfo(b_s.dtype).tiny)
-    return (cfg.lambda_cls * cls + cfg.lambda_l1 * l1 + cfg.lambda_giou * giou) / max(z_s.shape[0], 1)
+    pairs = mean_over_processes(torch.tensor(float(z_s.shape[0]), device=z_s.device)).clamp(min=1)
+    return (cfg.lambda_cls * cls + cfg.lambda_l1 * l1 + cfg.lambda_giou * giou) / pairs
 
 
 # ------------------------------------------------------------------------------------------

@@ -531,7 +531,8 @@ def test_one_iteration_run_and_checkpoint(run):  # invariant 18
     ckpt = torch.load(tmp / "student" / "checkpoint.pth", weights_only=True)
     assert not any(k.startswith(("sgfi", "ckd", "roi_queries", "teacher")) for k in ckpt["model"])
     assert any(k.startswith("sgfi.") for k in ckpt["extra"])
-    assert any(k.startswith("ckd_adapter.") for k in ckpt["extra"])
+    assert any(k.startswith("ckd_head.") for k in ckpt["extra"])     # f_theta (equal widths)
+    assert len(ckpt["extra"]["queue._extra_state"]["items"]) == 1       # the queue, for resume
     again = baseline.main(common + ["--eval", "--resume", str(tmp / "student" / "checkpoint.pth")])
     assert again["AP"] == stats["test_AP"]
 
@@ -556,7 +557,7 @@ def _gather_worker(rank, port):
         assert got.shape == (5, 3) and got[:2].eq(0).all() and got[2:].eq(1).all(), got
         q = gdetkd.TeacherQueue(2)
         for shift in (0, 10, 20):
-            q.push(mine + shift)
+            q.push(gdetkd.all_gather_rows(mine + shift))  # the caller pushes the gathered batch
         keys = q.keys(mine)  # the last 2 iterations of both processes
         assert keys.shape == (10, 3) and float(keys.min()) == 10.0, keys
     finally:
@@ -577,3 +578,69 @@ def test_script_refuses_unsupported_pair(run):
     with pytest.raises(ValueError, match="teacher deformable_detr -> student detr"):
         gdetkd.main(common + ["--teacher", teacher, "--variant", "detr", "--output-dir",
                               str(tmp / "bad")])
+
+
+# ------------------------------------------------------------------------------------------
+# The shared projection f_theta, keys treated alike, the queue in the checkpoint
+# ------------------------------------------------------------------------------------------
+
+def test_ckd_keys_current_and_queued_both_carry_their_gradient():
+    """Current and queued keys are used as given: both keep the gradient they carry (through a
+    shared f_theta), and the loss and every gradient equal a float64 loop reference."""
+    g = torch.Generator().manual_seed(2)
+    z_s, z_t, queue = (torch.randn(n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+                       for n in (4, 4, 3))
+    img = torch.tensor([0, 0, 1, 1])
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30.]])
+    gdetkd.ckd_loss(z_s, z_t, queue, img, boxes, gamma=0.2).backward()
+    leaves = [z_s.detach().clone().requires_grad_(True), z_t.detach().clone().requires_grad_(True),
+              queue.detach().clone().requires_grad_(True)]
+    u = F.normalize(leaves[0], dim=1)
+    keys = F.normalize(torch.cat(leaves[1:]), dim=1)
+    iou = iou64(boxes, boxes)
+    total = 0.0
+    for i in range(4):
+        terms = [u[i] @ keys[i] / 0.2]
+        terms += [u[i] @ keys[j] / 0.2 for j in range(7)
+                  if j != i and not (j < 4 and img[j] == img[i] and iou[i, j] > 0.5)]
+        total = total - (terms[0] - torch.logsumexp(torch.stack(terms), 0))
+    (total / 4).backward()
+    for got, want in zip((z_s, z_t, queue), leaves):
+        assert got.grad is not None
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_shared_head_is_the_default_and_feeds_every_key(monkeypatch):
+    d = distiller().train()                       # equal widths: f_theta only, no adapter
+    assert gdetkd.GDetKDConfig().ckd_shared_head and d.ckd_head is not None
+    assert d.ckd_adapter is None
+    seen = {}
+    real = gdetkd.ckd_loss
+
+    def spy(z_s, z_t, extra, *a, **k):
+        seen.update(z_s=z_s, z_t=z_t, extra=extra)
+        return real(z_s, z_t, extra, *a, **k)
+    monkeypatch.setattr(gdetkd, "ckd_loss", spy)
+    d(*batch())                                   # step 1 fills the queue
+    raw = d.queue.keys(torch.zeros(1, 32))
+    d(*batch())                                   # step 2 reads it
+    torch.testing.assert_close(seen["extra"], d.ckd_head(raw))   # queued keys through f_theta
+    assert seen["z_t"].requires_grad and seen["extra"].requires_grad   # alike, both with grad
+    adapter = distiller(ckd_shared_head=False)    # [3p-G]: a student adapter, raw keys
+    assert adapter.ckd_head is None and adapter.ckd_adapter is not None
+
+
+def test_queue_is_saved_in_the_checkpoint_and_restored(tmp_path):
+    d = distiller().train()
+    for _ in range(2):
+        d(*batch())
+    state = engine.trainable_state(d)
+    path = tmp_path / "ckpt.pth"
+    torch.save(state, path)
+    fresh = distiller().train()
+    assert fresh.queue.keys(torch.zeros(1, 32)).shape[0] == 0
+    engine.load_trainable_state(fresh, torch.load(path, weights_only=True), "test checkpoint")
+    want = d.queue.keys(torch.zeros(1, 32))
+    assert want.shape[0] > 0
+    torch.testing.assert_close(fresh.queue.keys(torch.zeros(1, 32)), want, rtol=0, atol=0)
+    assert len(fresh.queue.items) == len(d.queue.items) == 2

@@ -227,9 +227,21 @@ def test_dense_and_similarity_maps():
             e_sim[valid] += qw[b, q] * torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
             for s in valid:
                 c = float(hs[b, q] @ feats[b, s]) / float(hs[b, q].norm() * feats[b, s].norm())
-                e_cos[s] += qw[b, q] * max(c, 0.0)
+                e_cos[s] += qw[b, q] * c              # raw cosine x weight, summed ...
+        e_cos[valid] = e_cos[valid].clamp(min=0.01)   # ... then floored (DETRDistill's map)
         torch.testing.assert_close(sim[b], e_sim)
         torch.testing.assert_close(cos[b], e_cos)
+
+
+def test_cosine_map_sums_signed_cosines_before_the_floor():
+    """Hand example: at one cell the two queries' cosines are +0.6 and -0.8 (unit vectors), so
+    DETRDistill's map is max(0.6 - 0.8, 0.01) = 0.01 and max(0.8 + 0.6, 0.01) = 1.4 at the
+    other; clamping each cosine at 0 first would give 0.6 and 1.4."""
+    hs = torch.tensor([[[0.6, 0.8], [-0.8, 0.6]]], dtype=torch.float64)     # (1,2,2) unit rows
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)  # (1,2,2)
+    out = qskd.similarity_map(hs, feats, torch.zeros(1, 2, dtype=torch.bool),
+                              torch.ones(1, 2, dtype=torch.float64), "cosine")
+    torch.testing.assert_close(out, torch.tensor([[0.01, 1.4]], dtype=torch.float64))
 
 
 def test_agfd_loss_against_loops_and_invariants():
