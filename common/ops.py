@@ -552,14 +552,35 @@ def _ms_deform_attn_op_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs)
 
 
+@torch.library.custom_op("detrkd::ms_deform_attn_backward", mutates_args=())
+def _ms_deform_attn_backward_op(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                                level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                                attention_weights: torch.Tensor, grad_output: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_value, grad_sampling_locations, grad_attention_weights) from the extension's
+    kernel, an op of its own so that a traced backward (torch.compile training) holds it."""
+    ext = _ext_for(value.device)
+    if ext is None:
+        raise RuntimeError("detrkd::ms_deform_attn_backward needs the compiled extension")
+    return tuple(ext.ms_deform_attn_backward(
+        value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+        sampling_locations.contiguous(), attention_weights.contiguous(),
+        grad_output.contiguous()))
+
+
+@_ms_deform_attn_backward_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+      grad_output):
+    return (torch.empty_like(value), torch.empty_like(sampling_locations),
+            torch.empty_like(attention_weights))
+
+
 def _ms_deform_attn_op_backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
-    ext = _ext_for(value.device)
-    if ext is not None:
-        grad_value, grad_loc, grad_attn = ext.ms_deform_attn_backward(
-            value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
-            locations.contiguous(), weights.contiguous(), grad_output.contiguous())
-    else:  # differentiate the fallback
+    if _ext_for(value.device) is not None:
+        grad_value, grad_loc, grad_attn = torch.ops.detrkd.ms_deform_attn_backward(
+            value, spatial_shapes, level_start_index, locations, weights, grad_output)
+    else:  # differentiate the fallback (here, above the op, autograd can record it)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
             out = ms_deform_attn_fallback(leaves[0], spatial_shapes, leaves[1], leaves[2])
