@@ -48,7 +48,7 @@ def real_inputs(height=144, width=160):
 
 def tiny(variant, kw, seed=0):
     torch.manual_seed(seed)
-    model = build_model(variant, 5, **SMALL, **kw).eval()
+    model = build_model(variant, 5, **{**SMALL, **kw}).eval()
     with torch.no_grad():  # a trained-looking head: boxes and classes vary across queries
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
