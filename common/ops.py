@@ -203,10 +203,12 @@ class _MSDeformAttnFunction(torch.autograd.Function):
 
 def ms_deform_attn_fallback(value, spatial_shapes, sampling_locations, attention_weights):
     """Pure-PyTorch reference: one ``grid_sample`` per level (as the official repository's
-    ``ms_deform_attn_core_pytorch``). Memory grows as B * H * Dh * Q * L * P."""
+    ``ms_deform_attn_core_pytorch``). Memory grows as B * H * Dh * Q * L * P. ``spatial_shapes``
+    may also be a list of (H, W) ints (under tracing the tensor's values are unknown)."""
     B, S, H, Dh = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if isinstance(
+        spatial_shapes, torch.Tensor) else spatial_shapes)]  # a list of (H, W) when traced
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     samples = []
@@ -480,6 +482,129 @@ def linear_sum_assignment_fallback(cost, cols):
         out.append((torch.as_tensor(r, dtype=torch.int64, device=cost.device),
                     torch.as_tensor(c, dtype=torch.int64, device=cost.device)))
     return out
+
+
+# ==========================================================================================
+# Tracing and export: ms_deform_attn as a torch.library custom op
+# ==========================================================================================
+# torch.export cannot trace ``ms_deform_attn`` as it is: its argument checks read the values of
+# ``spatial_shapes`` (a data-dependent guard), and the extension's pybind call is opaque to the
+# tracer. Under tracing the model calls ``ms_deform_attn_traceable`` instead, which runs one of
+#   "op"           the custom op ``torch.ops.detrkd.ms_deform_attn``: the extension's kernels (or
+#                  the fallback) behind a fake (shape-only) implementation, with autograd; an
+#                  ExportedProgram holding it needs ``import common.ops`` before it is loaded.
+#                  The default for torch.export / torch.compile.
+#   "grid_sample"  the pure-PyTorch formulation (``ms_deform_attn_fallback`` with the levels'
+#                  (H, W) as Python ints): only standard ops, so ONNX and TorchScript files that
+#                  need nothing from this project. The default under torch.jit.trace.
+# ``with ops.trace_impl("grid_sample"): torch.onnx.export(...)`` picks one.
+
+_TRACE_IMPL = None  # None: "op" under torch.export / torch.compile, "grid_sample" under jit.trace
+
+
+def tracing() -> bool:
+    """True while torch.export, torch.compile or torch.jit.trace is tracing the caller."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+class trace_impl:
+    """Context manager: the ms_deform_attn formulation that tracing records ("op" or
+    "grid_sample"), e.g. ``with trace_impl("grid_sample"): torch.onnx.export(...)``."""
+
+    def __init__(self, impl: str):
+        if impl not in ("op", "grid_sample"):
+            raise ValueError(f"trace_impl must be 'op' or 'grid_sample', got {impl!r}")
+        self.impl = impl
+
+    def __enter__(self):
+        global _TRACE_IMPL
+        self.previous, _TRACE_IMPL = _TRACE_IMPL, self.impl
+        return self
+
+    def __exit__(self, *exc):
+        global _TRACE_IMPL
+        _TRACE_IMPL = self.previous
+
+
+@torch.library.custom_op("detrkd::ms_deform_attn", mutates_args=())
+def _ms_deform_attn_op(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                       level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                       attention_weights: torch.Tensor) -> torch.Tensor:
+    """The ms_deform_attn core on real tensors (the extension, else the fallback)."""
+    ext = _ext_for(value.device)
+    if ext is None:
+        return ms_deform_attn_fallback(value, spatial_shapes, sampling_locations,
+                                       attention_weights)
+    return ext.ms_deform_attn_forward(value.contiguous(), spatial_shapes.contiguous(),
+                                      level_start_index.contiguous(),
+                                      sampling_locations.contiguous(),
+                                      attention_weights.contiguous())
+
+
+@_ms_deform_attn_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    # (B, S, H, Dh), (B, Q, H, L, P, 2) -> (B, Q, H * Dh); no value is read
+    B, _, H, Dh = value.shape
+    return value.new_empty(B, sampling_locations.shape[1], H * Dh)
+
+
+def _ms_deform_attn_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+@torch.library.custom_op("detrkd::ms_deform_attn_backward", mutates_args=())
+def _ms_deform_attn_backward_op(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                                level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                                attention_weights: torch.Tensor, grad_output: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_value, grad_sampling_locations, grad_attention_weights) from the extension's
+    kernel, an op of its own so that a traced backward (torch.compile training) holds it."""
+    ext = _ext_for(value.device)
+    if ext is None:
+        raise RuntimeError("detrkd::ms_deform_attn_backward needs the compiled extension")
+    return tuple(ext.ms_deform_attn_backward(
+        value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+        sampling_locations.contiguous(), attention_weights.contiguous(),
+        grad_output.contiguous()))
+
+
+@_ms_deform_attn_backward_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+      grad_output):
+    return (torch.empty_like(value), torch.empty_like(sampling_locations),
+            torch.empty_like(attention_weights))
+
+
+def _ms_deform_attn_op_backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
+    if _ext_for(value.device) is not None:
+        grad_value, grad_loc, grad_attn = torch.ops.detrkd.ms_deform_attn_backward(
+            value, spatial_shapes, level_start_index, locations, weights, grad_output)
+    else:  # differentiate the fallback (here, above the op, autograd can record it)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+            out = ms_deform_attn_fallback(leaves[0], spatial_shapes, leaves[1], leaves[2])
+            grad_value, grad_loc, grad_attn = torch.autograd.grad(out, leaves, grad_output)
+    return grad_value, None, None, grad_loc, grad_attn
+
+
+_ms_deform_attn_op.register_autograd(_ms_deform_attn_op_backward,
+                                     setup_context=_ms_deform_attn_op_setup)
+
+
+def ms_deform_attn_traceable(value, spatial_shapes, level_start_index, sampling_locations,
+                             attention_weights, spatial_shapes_list=None):
+    """``ms_deform_attn`` for tracing: the same contract, no checks that read tensor values.
+    ``spatial_shapes_list`` (the levels' (H, W) as ints) is needed by the "grid_sample" form."""
+    impl = _TRACE_IMPL or ("grid_sample" if torch.jit.is_tracing() else "op")
+    if impl == "op":
+        return torch.ops.detrkd.ms_deform_attn(value, spatial_shapes, level_start_index,
+                                               sampling_locations, attention_weights)
+    if spatial_shapes_list is None:
+        raise ValueError("the grid_sample formulation under tracing needs spatial_shapes_list, "
+                         "the levels' (H, W) as Python ints")
+    return ms_deform_attn_fallback(value, spatial_shapes_list, sampling_locations,
+                                   attention_weights)
 
 
 if __name__ == "__main__":

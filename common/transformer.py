@@ -151,8 +151,13 @@ class MSDeformAttn(nn.Module):
         # fp32 island under autocast (as DINO does): the op wants one dtype, and sampling
         # locations lose precision in half (steps of ~1/2000 of a map, specs sec. 6.6)
         dtype = torch.promote_types(value.dtype, loc.dtype)
-        out = ops.ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index,
-                                 loc.to(dtype), weights.to(dtype))  # (B,Q,D)
+        if ops.tracing():  # torch.export / jit.trace: no checks that read tensor values
+            out = ops.ms_deform_attn_traceable(value.to(dtype), spatial_shapes, level_start_index,
+                                               loc.to(dtype), weights.to(dtype),
+                                               spatial_shapes_list)  # (B,Q,D)
+        else:
+            out = ops.ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index,
+                                     loc.to(dtype), weights.to(dtype))  # (B,Q,D)
         return self.output_proj(out.to(value.dtype)), loc, weights
 
 
