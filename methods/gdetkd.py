@@ -41,8 +41,8 @@ is a student-side bias-free linear adapter (the note's shared head f_theta: ``--
 with ``ckd_embed='roi'`` the CKD gradient also reaches the SGFI adapters. The CKD queue is not
 saved in checkpoints (it refills within ``ckd_queue`` iterations after a resume).
 RoIAlign is torchvision's roi_align(aligned=True), computed as two matrix products per image
-(``roi_align_separable``, tested equal to torchvision's in float64): torchvision's CPU backward
-dominated a training step on the CPU.
+(``common.ops.roi_align_separable``, tested equal to torchvision's in float64): torchvision's CPU
+backward dominated a training step on the CPU.
 Not implemented: the paper's homogeneous-pair extras (R-CNN prediction KD, class-aware
 regression KD, head transfer) and the torchvision CNN path, an optional extension of the spec.
 
@@ -62,7 +62,7 @@ from torchvision.ops import box_iou
 from torchvision.ops.poolers import LevelMapper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine  # noqa: E402
+from common import distill, engine, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
@@ -215,75 +215,9 @@ def backbone_stage_channels(model):
             for n in ("layer2", "layer3", "layer4")]
 
 
-def _axis_weights(start, bin_size, grid, size, out_size):
-    """1-D RoIAlign weights along one axis: (R,out_size,size), row p holding the mean over the
-    bin's ``grid`` samples of each sample's two linear-interpolation weights, with torchvision's
-    border rules (a sample beyond [-1, size] counts 0; below 0 it reads cell 0; at or beyond
-    size - 1 it reads cell size - 1). start, bin_size (R,) in feature-map pixels."""
-    p = torch.arange(out_size, device=start.device, dtype=start.dtype)
-    i = torch.arange(grid, device=start.device, dtype=start.dtype)
-    coord = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
-             + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid)      # (R,out,grid)
-    inside = ((coord >= -1.0) & (coord <= size)).to(coord.dtype)
-    coord = coord.clamp(min=0.0)
-    low = coord.floor().long()
-    edge = low >= size - 1
-    low = torch.where(edge, torch.full_like(low, size - 1), low)
-    high = torch.where(edge, low, low + 1)
-    frac = torch.where(edge, torch.zeros_like(coord), coord - low.to(coord.dtype))
-    w = torch.zeros(len(start), out_size, size, device=start.device, dtype=start.dtype)
-    w.scatter_add_(2, low, (1.0 - frac) * inside / grid)
-    w.scatter_add_(2, high, frac * inside / grid)
-    return w
-
-
-def roi_align_separable(features, rois, output_size, spatial_scale, sampling_ratio):
-    """torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
-    aligned=True), computed as two matrix products per image; the same function, and the
-    gradient to ``features`` is exact (no gradient to ``rois``, as in torchvision).
-
-    Why: RoIAlign samples a regular grid_h x grid_w grid of points in each bin and interpolates
-    bilinearly, and a bilinear weight is the product of a weight along y and one along x. So a
-    pooled RoI is A_y (s,H) @ F (C,H,W) @ A_x^T (W,s), where row p of A_y averages the
-    y-weights of bin p's samples (``_axis_weights``). torchvision's CPU backward recomputes
-    every sample's interpolation for every channel, one channel at a time. At our shapes
-    (hundreds of RoIs on small maps) that backward was the largest single cost of a G-DetKD
-    training step on the CPU. The products here are matrix multiplications
-    (bench/RESULTS.md section 5 has the timings).
-    features (B,C,H,W), rois (R,5) [batch index, x1, y1, x2, y2] in image pixels, sampling_ratio
-    > 0 (torchvision's adaptive -1 is not supported) -> (R,C,s,s)."""
-    if sampling_ratio <= 0:
-        raise ValueError(f"roi_align_separable needs sampling_ratio > 0, got {sampling_ratio}")
-    B, C, H, W = features.shape
-    s = output_size
-    with torch.no_grad():
-        r = rois.to(features.dtype)
-        x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5   # aligned=True
-        x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
-        a_y = _axis_weights(y1, (y2 - y1) / s, sampling_ratio, H, s)          # (R,s,H)
-        a_x = _axis_weights(x1, (x2 - x1) / s, sampling_ratio, W, s)          # (R,s,W)
-        image = rois[:, 0].long()
-    pieces, order = [features.new_zeros(0, C, s, s)], [image.new_zeros(0)]
-    for b in range(B):
-        sel = (image == b).nonzero().flatten()
-        if len(sel) == 0:
-            continue
-        n = len(sel)
-        f = features[b].permute(1, 0, 2).reshape(H, C * W)                  # (H,C*W)
-        t = (a_y[sel].reshape(n * s, H) @ f).view(n, s, C, W)                # (n,s_y,C,W)
-        pooled = t @ a_x[sel].transpose(1, 2)[:, None]                       # (n,s_y,C,s_x)
-        pieces.append(pooled.permute(0, 2, 1, 3))                             # (n,C,s_y,s_x)
-        order.append(sel)
-    order = torch.cat(order)
-    if len(order) != len(rois):
-        raise ValueError(f"rois hold batch indices outside [0, {B}): "
-                         f"{sorted(set(image.tolist()) - set(range(B)))}")
-    return torch.cat(pieces)[torch.argsort(order)]                           # (R,C,s,s)
-
-
 def pool_levels(maps, strides, rois, cfg):
     """RoIAlign of every RoI on every level: list of (R,C_l,s,s), spatial_scale = 1/stride."""
-    return [roi_align_separable(m.float(), rois, cfg.roi_size, 1.0 / s, cfg.sampling_ratio)
+    return [ops.roi_align_separable(m.float(), rois, cfg.roi_size, 1.0 / s, cfg.sampling_ratio)
             for m, s in zip(maps, strides)]
 
 
@@ -293,8 +227,8 @@ def pool_assigned(maps, strides, rois, level, cfg):
     for lvl, (m, s) in enumerate(zip(maps, strides)):
         idx = (level == lvl).nonzero().flatten()
         if len(idx):
-            out[idx] = roi_align_separable(m.float(), rois[idx], cfg.roi_size, 1.0 / s,
-                                           cfg.sampling_ratio)
+            out[idx] = ops.roi_align_separable(m.float(), rois[idx], cfg.roi_size, 1.0 / s,
+                                               cfg.sampling_ratio)
     return out
 
 
