@@ -57,14 +57,16 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import ImageDraw
 from torch import nn
 from torchvision.ops import box_iou
 from torchvision.ops.poolers import LevelMapper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine, ops  # noqa: E402
+from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
@@ -510,19 +512,17 @@ class GDetKD(nn.Module):
 # --visualize: the RoIs and SGFI's level weights
 # ------------------------------------------------------------------------------------------
 
-LEVEL_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+def level_colour(lvl):
+    """The colour of student level lvl: red, green, blue, orange, purple."""
+    return figures.PALETTE[[0, 1, 3, 4, 5][int(lvl) % 5]]
 
 
 @torch.no_grad()
-def visualize(distiller, args, out_dir, num_images=4):
-    """PNG per validation image (4x zoom): the sampled RoIs, negatives thin grey, positives
-    (GT thickest) coloured by the student level SGFI weights most; above each positive, its
-    teacher level "t<k>" and one bar per student level l of height a^l. The top strip gives each
+def visualize(distiller, dataset, out_dir, num_images=4):
+    """One PNG per validation image: the sampled RoIs, negatives thin grey, positives (GT
+    thickest) coloured by the student level SGFI weights most; above each positive, its teacher
+    level "t<k>" and one bar per student level l of height a^l. The key below gives each
     student level's colour and stride."""
-    from PIL import Image, ImageDraw
-    from common.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, collate
-    os.makedirs(out_dir, exist_ok=True)
-    dataset = build_dataset("val", args)
     device = next(distiller.student.parameters()).device
     images, masks, targets = engine.to_device(
         *collate([dataset[i] for i in range(min(num_images, len(dataset)))]), device)
@@ -537,38 +537,35 @@ def visualize(distiller, args, out_dir, num_images=4):
             images, masks), rois)
         _, _, a = distiller.sgfi(s_rois, T)                                  # (L,R)
         strides = distiller.student_pyramid(images, enc_s)[1]
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    zoom, paths = 4, []
+    paths = []
     for b in range(len(targets)):
         h, w = (int(v) for v in targets[b]["size"])
-        pic = ((images[b, :, :h, :w].cpu() * std + mean).clamp(0, 1) * 255).byte()
-        img = Image.fromarray(pic.permute(1, 2, 0).numpy()).resize((w * zoom, h * zoom), Image.NEAREST)
-        canvas = Image.new("RGB", (img.width, img.height + 16), (0, 0, 0))
-        canvas.paste(img, (0, 16))
-        draw = ImageDraw.Draw(canvas)
-        if a is not None:
-            for lvl, st in enumerate(strides):
-                draw.text((4 + 70 * lvl, 2), f"S{lvl} /{st}", fill=LEVEL_COLOURS[lvl % 5])
-        for i in (rois[:, 0] == b).nonzero().flatten().tolist():
-            box = [float(v) * zoom for v in rois[i, 1:]]
-            box[1] += 16
-            box[3] += 16
+        img = figures.to_pil(images[b], (h, w), figures.zoom_for((h, w)))
+        draw, zoom = ImageDraw.Draw(img), img.width / w
+        mine = (rois[:, 0] == b).nonzero().flatten().tolist()
+        boxes = xyxy_to_cxcywh(rois[:, 1:].float().cpu()) / torch.tensor([w, h, w, h])  # normalised
+        for i in mine:
             if not is_pos[i]:
-                draw.rectangle(box, outline=(128, 128, 128), width=1)
+                figures.draw_boxes(img, boxes[i], figures.GREY, width=1)
                 continue
-            colour = (255, 255, 255) if a is None else LEVEL_COLOURS[int(a[:, i].argmax()) % 5]
-            draw.rectangle(box, outline=colour, width=3 if is_gt[i] else 2)
+            colour = figures.WHITE if a is None else level_colour(a[:, i].argmax())
+            figures.draw_boxes(img, boxes[i], colour, width=3 if is_gt[i] else 2)
             if a is not None:  # a bar per student level (height a^l) and the teacher level
-                x0, y0 = box[0], max(box[1] - 24, 16)
-                draw.rectangle([x0, y0, x0 + 22 + 8 * a.shape[0], y0 + 22], fill=(0, 0, 0))
-                draw.text((x0 + 2, y0 + 5), f"t{int(level[i])}", fill=(255, 255, 255))
+                x0, y0 = float(rois[i, 1]) * zoom, max(float(rois[i, 2]) * zoom - 24, 0)
+                draw.rectangle([x0, y0, x0 + 22 + 8 * a.shape[0], y0 + 22], fill=figures.BLACK)
+                draw.text((x0 + 2, y0 + 4), f"t{int(level[i])}", fill=figures.WHITE, font=figures.font())
                 for lvl in range(a.shape[0]):
                     top = y0 + 21 - 20 * float(a[lvl, i])
                     draw.rectangle([x0 + 20 + 8 * lvl, top, x0 + 26 + 8 * lvl, y0 + 21],
-                                   fill=LEVEL_COLOURS[lvl % 5])
-        paths.append(os.path.join(out_dir, f"gdetkd_{int(targets[b]['image_id'])}.png"))
-        canvas.save(paths[-1])
-    print(f"visualize: wrote {len(paths)} figures to {out_dir}", flush=True)
+                                   fill=level_colour(lvl))
+        entries = [(figures.GREY, "negative RoI"), (None, "thick: GT RoI")]
+        if a is not None:
+            entries += [(level_colour(lvl), f"student level S{lvl} (stride {st})")
+                        for lvl, st in enumerate(strides)]
+            entries += [(None, "tk: teacher level; bars: SGFI weight a^l per student level")]
+        fig = figures.sheet([[figures.panel(img, "G-DetKD: sampled RoIs, SGFI level weights")]],
+                            [figures.legend(entries, img.width)])
+        paths.append(figures.save(fig, out_dir, "gdetkd", targets[b]["image_id"]))
     return paths
 
 
@@ -596,8 +593,7 @@ HELP = {
 
 def add_args(parser):
     g = distill.add_config_args(parser, GDetKDConfig, "G-DetKD", HELP, CHOICES)
-    g.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of the RoIs and SGFI level weights for a few val images")
+    figures.add_args(g, "the sampled RoIs and SGFI level weights")
     return parser
 
 
@@ -610,7 +606,8 @@ def main(argv=None):
     distiller = GDetKD(cfg, teacher, run.student, run.num_classes)
     stats = engine.train(run, distiller)
     if args.visualize and is_main_process():  # one process draws
-        visualize(distiller, args, args.visualize)
+        paths = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images)
+        print(f"visualize: wrote {len(paths)} figures to {args.visualize}", flush=True)
     distill.print_summary(args, run, teacher, stats)
     return stats
 
