@@ -607,5 +607,80 @@ def ms_deform_attn_traceable(value, spatial_shapes, level_start_index, sampling_
                                    attention_weights)
 
 
+# ------------------------------------------------------------------------------------------
+# RoIAlign as two matrix products (G-DetKD's region features)
+# ------------------------------------------------------------------------------------------
+# Not one of the four DETR ops above: a single pure-PyTorch backend, held equal to
+# torchvision.ops.roi_align(aligned=True) in value and feature gradient (tests/test_roi_align.py).
+
+__all__ += ["roi_align_separable"]
+
+
+def _axis_weights(start, bin_size, grid, size, out_size):
+    """1-D RoIAlign weights along one axis: (R,out_size,size), row p holding the mean over the
+    bin's ``grid`` samples of each sample's two linear-interpolation weights, with torchvision's
+    border rules (a sample beyond [-1, size] counts 0; below 0 it reads cell 0; at or beyond
+    size - 1 it reads cell size - 1). start, bin_size (R,) in feature-map pixels."""
+    p = torch.arange(out_size, device=start.device, dtype=start.dtype)
+    i = torch.arange(grid, device=start.device, dtype=start.dtype)
+    coord = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
+             + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid)      # (R,out,grid)
+    inside = ((coord >= -1.0) & (coord <= size)).to(coord.dtype)
+    coord = coord.clamp(min=0.0)
+    low = coord.floor().long()
+    edge = low >= size - 1
+    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    high = torch.where(edge, low, low + 1)
+    frac = torch.where(edge, torch.zeros_like(coord), coord - low.to(coord.dtype))
+    w = torch.zeros(len(start), out_size, size, device=start.device, dtype=start.dtype)
+    w.scatter_add_(2, low, (1.0 - frac) * inside / grid)
+    w.scatter_add_(2, high, frac * inside / grid)
+    return w
+
+
+def roi_align_separable(features, rois, output_size, spatial_scale, sampling_ratio):
+    """torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
+    aligned=True), computed as two matrix products per image; the same function, and the
+    gradient to ``features`` is exact (no gradient to ``rois``, as in torchvision).
+
+    Why: RoIAlign samples a regular grid_h x grid_w grid of points in each bin and interpolates
+    bilinearly, and a bilinear weight is the product of a weight along y and one along x. So a
+    pooled RoI is A_y (s,H) @ F (C,H,W) @ A_x^T (W,s), where row p of A_y averages the
+    y-weights of bin p's samples (``_axis_weights``). torchvision's CPU backward recomputes
+    every sample's interpolation for every channel, one channel at a time. At our shapes
+    (hundreds of RoIs on small maps) that backward was the largest single cost of a G-DetKD
+    training step on the CPU. The products here are matrix multiplications
+    (bench/RESULTS.md section 5 has the timings).
+    features (B,C,H,W), rois (R,5) [batch index, x1, y1, x2, y2] in image pixels, sampling_ratio
+    > 0 (torchvision's adaptive -1 is not supported) -> (R,C,s,s)."""
+    if sampling_ratio <= 0:
+        raise ValueError(f"roi_align_separable needs sampling_ratio > 0, got {sampling_ratio}")
+    B, C, H, W = features.shape
+    s = output_size
+    with torch.no_grad():
+        r = rois.to(features.dtype)
+        x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5   # aligned=True
+        x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
+        a_y = _axis_weights(y1, (y2 - y1) / s, sampling_ratio, H, s)          # (R,s,H)
+        a_x = _axis_weights(x1, (x2 - x1) / s, sampling_ratio, W, s)          # (R,s,W)
+        image = rois[:, 0].long()
+    pieces, order = [features.new_zeros(0, C, s, s)], [image.new_zeros(0)]
+    for b in range(B):
+        sel = (image == b).nonzero().flatten()
+        if len(sel) == 0:
+            continue
+        n = len(sel)
+        f = features[b].permute(1, 0, 2).reshape(H, C * W)                  # (H,C*W)
+        t = (a_y[sel].reshape(n * s, H) @ f).view(n, s, C, W)                # (n,s_y,C,W)
+        pooled = t @ a_x[sel].transpose(1, 2)[:, None]                       # (n,s_y,C,s_x)
+        pieces.append(pooled.permute(0, 2, 1, 3))                             # (n,C,s_y,s_x)
+        order.append(sel)
+    order = torch.cat(order)
+    if len(order) != len(rois):
+        raise ValueError(f"rois hold batch indices outside [0, {B}): "
+                         f"{sorted(set(image.tolist()) - set(range(B)))}")
+    return torch.cat(pieces)[torch.argsort(order)]                           # (R,C,s,s)
+
+
 if __name__ == "__main__":
     print(describe())

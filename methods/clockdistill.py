@@ -78,9 +78,10 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine  # noqa: E402
+from common import distill, engine, figures  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
@@ -566,78 +567,50 @@ class CLoCKDistiller(nn.Module):
 # --visualize: what is distilled, for a few validation images
 # ------------------------------------------------------------------------------------------
 
-def _heat(x, size):
-    """(H,W) in [0,1] -> (3,h,w) uint8 'hot' colours (black, red, yellow, white), nearest-upsampled."""
-    x = F.interpolate(x[None, None].float(), size=size, mode="nearest")[0, 0].clamp(0, 1)
-    rgb = torch.stack([(3 * x).clamp(0, 1), (3 * x - 1).clamp(0, 1), (3 * x - 2).clamp(0, 1)])
-    return (rgb * 255).round().to(torch.uint8)
-
-
-def _log_scale(x):
-    """Positive values onto [0,1] by log10 between the smallest positive value and the largest."""
-    pos = x[x > 0]
-    if pos.numel() == 0:
-        return torch.zeros_like(x)
-    lo, hi = pos.min().log10(), pos.max().log10()
-    return torch.where(x > 0, (x.clamp(min=1e-30).log10() - lo) / (hi - lo).clamp(min=1e-6) * 0.9
-                       + 0.1, torch.zeros_like(x))
-
-
-def _legend(H, W):
-    """A black (3,H,W) uint8 tile that says what the other panels show."""
-    from PIL import Image, ImageDraw
-    from torchvision.transforms.functional import pil_to_tensor
-    tile = Image.new("RGB", (W, H))
-    text = "GT green\nteacher blue\nstudent red\ntop: cell weight\nbottom: weighted\nmemory error\n(log scales)"
-    ImageDraw.Draw(tile).multiline_text((4, 4), text, fill=(255, 255, 255))
-    return pil_to_tensor(tile)                                           # (3,H,W) uint8
+GT_GREEN, TEACHER_BLUE, STUDENT_RED = (0, 220, 0), (40, 90, 255), (230, 40, 40)
 
 
 @torch.no_grad()
-def visualize(distiller, dataset, out_dir, num_images=4, device="cpu"):
+def visualize(distiller, dataset, out_dir, num_images=4):
     """One PNG per image. Top row: the image with its GT boxes (green) and the last-layer boxes
     of the target-aware queries, teacher (blue) and student (red), labelled with the teacher
     confidence w; then per level the L_lcmd cell weight alpha M S + beta (1 - M) S (log scale).
     Bottom row: per level the weighted squared memory error that L_lcmd sums (log scale)."""
-    from torchvision.utils import draw_bounding_boxes, make_grid
-    from PIL import Image
-    from common.data import IMAGENET_MEAN, IMAGENET_STD, collate
-
-    os.makedirs(out_dir, exist_ok=True)
     distiller.eval()
     c, t, s = distiller.cfg, distiller.teacher, distiller.student
+    device = next(s.parameters()).device
     written = []
     for i in range(min(num_images, len(dataset))):
-        images, masks, targets = engine.to_device(*collate([dataset[i]]), torch.device(device))
+        images, masks, targets = engine.to_device(*collate([dataset[i]]), device)
         enc_t, enc_s = t.encode(images, masks), s.encode(images, masks)
-        H, W = images.shape[-2:]
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, device=images.device)[:, None, None]
-        img = ((images[0] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        scale = torch.tensor([W, H, W, H], dtype=torch.float32)
-        boxes = [(cxcywh_to_xyxy(targets[0]["boxes"].float().cpu()) * scale, "lime", None)]
+        size, padded = targets[0]["size"], images.shape[-2:]
+        zoom = figures.zoom_for(size)
+        img = figures.to_pil(images[0], size, zoom)
+        figures.draw_boxes(img, targets[0]["boxes"], GT_GREEN)
         if c.tcld:
             zs, bs, zt, bt = distiller.target_aware_outputs(enc_t, enc_s, targets)
             w = confidence_weight(zt[-1]).cpu().tolist()
-            boxes += [(cxcywh_to_xyxy(bt[-1].float().cpu()) * scale, "blue", w),
-                      (cxcywh_to_xyxy(bs[-1].float().cpu()) * scale, "red", None)]
-        for b, colour, w in boxes:
-            if len(b):
-                labels = [f"w={x:.2f}" for x in w] if w is not None else None
-                img = draw_bounding_boxes(img, b, labels=labels, colors=colour, width=2)
+            figures.draw_boxes(img, bt[-1], TEACHER_BLUE, labels=[f"w={x:.2f}" for x in w])
+            figures.draw_boxes(img, bs[-1], STUDENT_RED)
         weights = lcmd_weights(targets, enc_s.masks, c.alpha, c.beta, c.scale_mask)
         mem_s = enc_s.memory.float()
         if distiller.adapter is not None:
             mem_s = distiller.adapter(mem_s)
         errors = [(w_l * (a - b).pow(2).sum(1))[0] for w_l, a, b in zip(
             weights, split_levels(enc_t.memory.float(), enc_s.spatial_shapes_list),
-            split_levels(mem_s, enc_s.spatial_shapes_list))]
-        top = [img] + [_heat(_log_scale(w_l[0]).cpu(), (H, W)) for w_l in weights]
-        bottom = [_legend(H, W)] + [_heat(_log_scale(e).cpu(), (H, W)) for e in errors]
-        grid = make_grid(top + bottom, nrow=len(top), padding=4, pad_value=255)
-        path = os.path.join(out_dir, f"clockdistill_{i:02d}.png")
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-        written.append(path)
+            split_levels(mem_s, enc_s.spatial_shapes_list))]                  # per level (H_l,W_l)
+        top = [figures.panel(img, "GT, target-aware queries")] + [
+            figures.panel(figures.heat_image(figures.log_scale(w_l[0]), padded, size, zoom),
+                          f"L_lcmd cell weight, level {lvl}") for lvl, w_l in enumerate(weights)]
+        bottom = [None] + [
+            figures.panel(figures.heat_image(figures.log_scale(e), padded, size, zoom),
+                          f"weighted memory error, level {lvl}") for lvl, e in enumerate(errors)]
+        width = figures.row_width(top)
+        key = figures.legend([(GT_GREEN, "GT"), (TEACHER_BLUE, "teacher (w: confidence weight)"),
+                              (STUDENT_RED, "student")], width)
+        scale = figures.colorbar(width, "each map: smallest positive value", "largest (log scale)")
+        written.append(figures.save(figures.sheet([top, bottom], [key, scale]), out_dir,
+                                    "clockdistill", targets[0]["image_id"]))
     return written
 
 
@@ -669,9 +642,7 @@ HELP = {
 def add_args(parser):
     g = distill.add_config_args(parser, CLoCKConfig, "CLoCKDistill (defaults: the spec's)",
                                 HELP, CHOICES)
-    g.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of masks, memory errors and target-aware boxes here")
-    g.add_argument("--visualize-images", dest="visualize_images", type=int, default=4)
+    figures.add_args(g, "the L_lcmd cell weights, memory errors and target-aware boxes")
     return parser
 
 
@@ -685,8 +656,7 @@ def main(argv=None):
     distiller = CLoCKDistiller(cfg, teacher, run.student, run.num_classes)
     stats = engine.train(run, distiller)
     if args.visualize and is_main_process():  # one process draws
-        written = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images,
-                            run.device)
+        written = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images)
         print(f"visualize: wrote {len(written)} figures to {args.visualize}", flush=True)
     distill.print_summary(args, run, teacher, stats)
     return stats

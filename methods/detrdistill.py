@@ -81,13 +81,15 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import ImageDraw
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine, ops  # noqa: E402
+from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 
@@ -610,37 +612,8 @@ class DETRDistill(nn.Module):
 # --visualize: what the method distils, for a few validation images
 # ------------------------------------------------------------------------------------------
 
-def _to_pil(image, size):
-    from PIL import Image
-    from common.data import IMAGENET_MEAN, IMAGENET_STD
-    h, w = (int(x) for x in size)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    rgb = ((image[:, :h, :w].cpu() * std + mean).clamp(0, 1) * 255).byte()
-    return Image.fromarray(rgb.permute(1, 2, 0).numpy())
-
-
-def _heat(mask, size, padded):
-    """(H_k,W_k) mask in [0,1] -> an RGB heat map of the unpadded image (black-red-yellow-white)."""
-    from PIL import Image
-    h, w = (int(x) for x in size)
-    m = F.interpolate(mask[None, None].float(), size=padded, mode="bilinear")[0, 0, :h, :w].cpu()
-    rgb = torch.stack([(3 * m).clamp(0, 1), (3 * m - 1).clamp(0, 1), (3 * m - 2).clamp(0, 1)], -1)
-    return Image.fromarray((rgb * 255).byte().numpy())
-
-
-def _draw_boxes(draw, boxes, size, color, width=2):
-    h, w = (int(x) for x in size)
-    for x0, y0, x1, y1 in (cxcywh_to_xyxy(boxes.float()).cpu() * torch.tensor([w, h, w, h])).tolist():
-        draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=color, width=width)
-
-
-def _panel(base, title):
-    """A copy of the image with a title, and a drawing context on it."""
-    from PIL import ImageDraw
-    p = base.copy()
-    d = ImageDraw.Draw(p)
-    d.text((3, 3), title, fill=(255, 255, 255))
-    return p, d
+GT_GREEN, TEACHER_ORANGE, TEACHER_RED = (0, 220, 0), (255, 140, 0), (230, 40, 40)
+STUDENT_BLUE, PAIR_YELLOW = (60, 120, 255), (255, 255, 0)
 
 
 @torch.no_grad()
@@ -653,9 +626,6 @@ def visualize(distiller, dataset, out_dir, num_images=4, shown=10):
       QPAD   the student decoder run on the teacher's queries: its boxes for the queries the
              teacher's own assignment gives a GT (blue), and the GT (green).
     Panels of a switched-off term are left out."""
-    from PIL import Image
-    from common.data import collate
-    os.makedirs(out_dir, exist_ok=True)
     cfg, was_training = distiller.cfg, distiller.training
     distiller.eval()
     device = next(distiller.student.parameters()).device
@@ -676,42 +646,38 @@ def visualize(distiller, dataset, out_dir, num_images=4, shown=10):
                                             "pred_boxes": t_dec.boxes[l]}, targets)
     paths = []
     for b, t in enumerate(targets):
-        h, w = (int(x) for x in t["size"])
-        zoom = max(1, 320 // max(h, w))  # small images are enlarged so the boxes stay legible
-        base, panels = _to_pil(images[b], (h, w)).resize((w * zoom, h * zoom)), []
-        size = (h * zoom, w * zoom)  # what the boxes are drawn at
+        base, panels = figures.to_pil(images[b], t["size"], figures.zoom_for(t["size"])), []
         if cfg.use_tafd:
-            p, d = _panel(base, "TAFD: GT, top-quality queries")
+            p = base.copy()
             qmax = float(quality[b].max().clamp(min=1e-6))
             for j in quality[b].argsort(descending=True)[:shown].tolist():
-                _draw_boxes(d, t_dec.boxes[l][b, q_idx[b, j]][None], size, (255, 140, 0),
-                            1 + int(3 * float(quality[b, j]) / qmax))
-            _draw_boxes(d, t["boxes"], size, (0, 220, 0))
-            panels.append(p)
+                figures.draw_boxes(p, t_dec.boxes[l][b, q_idx[b, j]], TEACHER_ORANGE,
+                                   1 + int(3 * float(quality[b, j]) / qmax))
+            figures.draw_boxes(p, t["boxes"], GT_GREEN)
+            panels.append(figures.panel(p, "TAFD: GT, top-quality queries"))
             for k, m in enumerate(lv_masks):
-                heat = _heat(m[b, 0], (h, w), images.shape[-2:]).resize(base.size)
-                p, _ = _panel(Image.blend(base, heat, 0.6), f"TAFD mask, level {k}")
-                panels.append(p)
-        p, d = _panel(base, "HMLD: teacher / matched student")
-        si, ti = pairs[b]
+                over = figures.heat_overlay(base, m[b, 0], images.shape[-2:], t["size"])
+                panels.append(figures.panel(over, f"TAFD mask, level {k}"))
+        p = base.copy()
+        d, si, ti = ImageDraw.Draw(p), *pairs[b]
         for j in t_dec.logits[l][b, ti].sigmoid().amax(-1).argsort(descending=True)[:shown].tolist():
             tb, sb = t_dec.boxes[l][b, ti[j]], s_dec.boxes[-1][b, si[j]]
-            _draw_boxes(d, tb[None], size, (230, 40, 40))
-            _draw_boxes(d, sb[None], size, (60, 120, 255))
-            d.line([float(tb[0]) * base.width, float(tb[1]) * base.height,
-                    float(sb[0]) * base.width, float(sb[1]) * base.height],
-                   fill=(255, 255, 0), width=1)
-        panels.append(p)
+            figures.draw_boxes(p, tb, TEACHER_RED)
+            figures.draw_boxes(p, sb, STUDENT_BLUE)
+            d.line([float(tb[0]) * p.width, float(tb[1]) * p.height,
+                    float(sb[0]) * p.width, float(sb[1]) * p.height], fill=PAIR_YELLOW, width=1)
+        panels.append(figures.panel(p, "HMLD: teacher / matched student"))
         if cfg.use_qpad:
-            p, d = _panel(base, "QPAD: teacher queries, student")
-            _draw_boxes(d, t["boxes"], size, (0, 220, 0))
-            _draw_boxes(d, q_dec.boxes[-1][b, assign[b][0]], size, (60, 120, 255))
-            panels.append(p)
-        sheet = Image.new("RGB", (sum(x.width + 4 for x in panels), base.height))
-        for i, panel in enumerate(panels):
-            sheet.paste(panel, (i * (base.width + 4), 0))
-        paths.append(os.path.join(out_dir, f"detrdistill_{int(t['image_id'])}.png"))
-        sheet.save(paths[-1])
+            p = base.copy()
+            figures.draw_boxes(p, t["boxes"], GT_GREEN)
+            figures.draw_boxes(p, q_dec.boxes[-1][b, assign[b][0]], STUDENT_BLUE)
+            panels.append(figures.panel(p, "QPAD: teacher queries, student"))
+        width = figures.row_width(panels)
+        key = figures.legend([(GT_GREEN, "GT"), (TEACHER_ORANGE, "TAFD top-quality teacher query"),
+                              (TEACHER_RED, "teacher"), (STUDENT_BLUE, "student"),
+                              (PAIR_YELLOW, "HMLD pair")], width)
+        footer = [key] + ([figures.colorbar(width, "mask 0", "1")] if cfg.use_tafd else [])
+        paths.append(figures.save(figures.sheet([panels], footer), out_dir, "detrdistill", t["image_id"]))
     distiller.train(was_training)
     return paths
 
@@ -756,9 +722,7 @@ def add_method_args(parser):
                "hmld_form": ["code", "paper"], "quality_form": ["code", "paper"],
                "tafd_form": ["code", "paper"]}
     g = distill.add_config_args(parser, DETRDistillConfig, "DETRDistill", help_, choices, flags)
-    g.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of the TAFD masks, HMLD pairs and QPAD group for a few "
-                        "validation images (after training, or with --eval)")
+    figures.add_args(g, "the TAFD masks, HMLD pairs and QPAD group")
     return parser
 
 
@@ -772,7 +736,7 @@ def main(argv=None):
     distiller = DETRDistill(cfg, teacher, run.student, run.num_classes)
     stats = engine.train(run, distiller)
     if args.visualize and is_main_process():  # one process draws
-        paths = visualize(distiller, run.dataset_val, args.visualize)
+        paths = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images)
         print(f"visualize: wrote {len(paths)} figures to {args.visualize}", flush=True)
     distill.print_summary(args, run, teacher, stats)
     return stats

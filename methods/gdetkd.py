@@ -50,8 +50,8 @@ SGFI and CKD divide by the RoI count averaged over processes (N processes x batc
 one process x batch N b) [recon]. With ``ckd_embed='roi'`` the CKD gradient also reaches the SGFI
 adapters.
 RoIAlign is torchvision's roi_align(aligned=True), computed as two matrix products per image
-(``roi_align_separable``, tested equal to torchvision's in float64): torchvision's CPU backward
-dominated a training step on the CPU.
+(``common.ops.roi_align_separable``, tested equal to torchvision's in float64): torchvision's CPU
+backward dominated a training step on the CPU.
 Not implemented: the paper's homogeneous-pair extras (R-CNN prediction KD, class-aware
 regression KD, head transfer) and the torchvision CNN path, an optional extension of the spec.
 
@@ -66,14 +66,16 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import ImageDraw
 from torch import nn
 from torchvision.ops import box_iou
 from torchvision.ops.poolers import LevelMapper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine  # noqa: E402
+from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
@@ -225,75 +227,9 @@ def backbone_stage_channels(model):
             for n in ("layer2", "layer3", "layer4")]
 
 
-def _axis_weights(start, bin_size, grid, size, out_size):
-    """1-D RoIAlign weights along one axis: (R,out_size,size), row p holding the mean over the
-    bin's ``grid`` samples of each sample's two linear-interpolation weights, with torchvision's
-    border rules (a sample beyond [-1, size] counts 0; below 0 it reads cell 0; at or beyond
-    size - 1 it reads cell size - 1). start, bin_size (R,) in feature-map pixels."""
-    p = torch.arange(out_size, device=start.device, dtype=start.dtype)
-    i = torch.arange(grid, device=start.device, dtype=start.dtype)
-    coord = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
-             + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid)      # (R,out,grid)
-    inside = ((coord >= -1.0) & (coord <= size)).to(coord.dtype)
-    coord = coord.clamp(min=0.0)
-    low = coord.floor().long()
-    edge = low >= size - 1
-    low = torch.where(edge, torch.full_like(low, size - 1), low)
-    high = torch.where(edge, low, low + 1)
-    frac = torch.where(edge, torch.zeros_like(coord), coord - low.to(coord.dtype))
-    w = torch.zeros(len(start), out_size, size, device=start.device, dtype=start.dtype)
-    w.scatter_add_(2, low, (1.0 - frac) * inside / grid)
-    w.scatter_add_(2, high, frac * inside / grid)
-    return w
-
-
-def roi_align_separable(features, rois, output_size, spatial_scale, sampling_ratio):
-    """torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
-    aligned=True), computed as two matrix products per image; the same function, and the
-    gradient to ``features`` is exact (no gradient to ``rois``, as in torchvision).
-
-    Why: RoIAlign samples a regular grid_h x grid_w grid of points in each bin and interpolates
-    bilinearly, and a bilinear weight is the product of a weight along y and one along x. So a
-    pooled RoI is A_y (s,H) @ F (C,H,W) @ A_x^T (W,s), where row p of A_y averages the
-    y-weights of bin p's samples (``_axis_weights``). torchvision's CPU backward recomputes
-    every sample's interpolation for every channel, one channel at a time. At our shapes
-    (hundreds of RoIs on small maps) that backward was the largest single cost of a G-DetKD
-    training step on the CPU. The products here are matrix multiplications
-    (bench/RESULTS.md section 5 has the timings).
-    features (B,C,H,W), rois (R,5) [batch index, x1, y1, x2, y2] in image pixels, sampling_ratio
-    > 0 (torchvision's adaptive -1 is not supported) -> (R,C,s,s)."""
-    if sampling_ratio <= 0:
-        raise ValueError(f"roi_align_separable needs sampling_ratio > 0, got {sampling_ratio}")
-    B, C, H, W = features.shape
-    s = output_size
-    with torch.no_grad():
-        r = rois.to(features.dtype)
-        x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5   # aligned=True
-        x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
-        a_y = _axis_weights(y1, (y2 - y1) / s, sampling_ratio, H, s)          # (R,s,H)
-        a_x = _axis_weights(x1, (x2 - x1) / s, sampling_ratio, W, s)          # (R,s,W)
-        image = rois[:, 0].long()
-    pieces, order = [features.new_zeros(0, C, s, s)], [image.new_zeros(0)]
-    for b in range(B):
-        sel = (image == b).nonzero().flatten()
-        if len(sel) == 0:
-            continue
-        n = len(sel)
-        f = features[b].permute(1, 0, 2).reshape(H, C * W)                  # (H,C*W)
-        t = (a_y[sel].reshape(n * s, H) @ f).view(n, s, C, W)                # (n,s_y,C,W)
-        pooled = t @ a_x[sel].transpose(1, 2)[:, None]                       # (n,s_y,C,s_x)
-        pieces.append(pooled.permute(0, 2, 1, 3))                             # (n,C,s_y,s_x)
-        order.append(sel)
-    order = torch.cat(order)
-    if len(order) != len(rois):
-        raise ValueError(f"rois hold batch indices outside [0, {B}): "
-                         f"{sorted(set(image.tolist()) - set(range(B)))}")
-    return torch.cat(pieces)[torch.argsort(order)]                           # (R,C,s,s)
-
-
 def pool_levels(maps, strides, rois, cfg):
     """RoIAlign of every RoI on every level: list of (R,C_l,s,s), spatial_scale = 1/stride."""
-    return [roi_align_separable(m.float(), rois, cfg.roi_size, 1.0 / s, cfg.sampling_ratio)
+    return [ops.roi_align_separable(m.float(), rois, cfg.roi_size, 1.0 / s, cfg.sampling_ratio)
             for m, s in zip(maps, strides)]
 
 
@@ -303,8 +239,8 @@ def pool_assigned(maps, strides, rois, level, cfg):
     for lvl, (m, s) in enumerate(zip(maps, strides)):
         idx = (level == lvl).nonzero().flatten()
         if len(idx):
-            out[idx] = roi_align_separable(m.float(), rois[idx], cfg.roi_size, 1.0 / s,
-                                           cfg.sampling_ratio)
+            out[idx] = ops.roi_align_separable(m.float(), rois[idx], cfg.roi_size, 1.0 / s,
+                                               cfg.sampling_ratio)
     return out
 
 
@@ -635,19 +571,17 @@ class GDetKD(nn.Module):
 # --visualize: the RoIs and SGFI's level weights
 # ------------------------------------------------------------------------------------------
 
-LEVEL_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+def level_colour(lvl):
+    """The colour of student level lvl: red, green, blue, orange, purple."""
+    return figures.PALETTE[[0, 1, 3, 4, 5][int(lvl) % 5]]
 
 
 @torch.no_grad()
-def visualize(distiller, args, out_dir, num_images=4):
-    """PNG per validation image (4x zoom): the sampled RoIs, negatives thin grey, positives
-    (GT thickest) coloured by the student level SGFI weights most; above each positive, its
-    teacher level "t<k>" and one bar per student level l of height a^l. The top strip gives each
+def visualize(distiller, dataset, out_dir, num_images=4):
+    """One PNG per validation image: the sampled RoIs, negatives thin grey, positives (GT
+    thickest) coloured by the student level SGFI weights most; above each positive, its teacher
+    level "t<k>" and one bar per student level l of height a^l. The key below gives each
     student level's colour and stride."""
-    from PIL import Image, ImageDraw
-    from common.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, collate
-    os.makedirs(out_dir, exist_ok=True)
-    dataset = build_dataset("val", args)
     device = next(distiller.student.parameters()).device
     images, masks, targets = engine.to_device(
         *collate([dataset[i] for i in range(min(num_images, len(dataset)))]), device)
@@ -662,38 +596,35 @@ def visualize(distiller, args, out_dir, num_images=4):
             images, masks), rois)
         _, _, a = distiller.sgfi(s_rois, T)                                  # (L,R)
         strides = distiller.student_pyramid(images, enc_s)[1]
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    zoom, paths = 4, []
+    paths = []
     for b in range(len(targets)):
         h, w = (int(v) for v in targets[b]["size"])
-        pic = ((images[b, :, :h, :w].cpu() * std + mean).clamp(0, 1) * 255).byte()
-        img = Image.fromarray(pic.permute(1, 2, 0).numpy()).resize((w * zoom, h * zoom), Image.NEAREST)
-        canvas = Image.new("RGB", (img.width, img.height + 16), (0, 0, 0))
-        canvas.paste(img, (0, 16))
-        draw = ImageDraw.Draw(canvas)
-        if a is not None:
-            for lvl, st in enumerate(strides):
-                draw.text((4 + 70 * lvl, 2), f"S{lvl} /{st}", fill=LEVEL_COLOURS[lvl % 5])
-        for i in (rois[:, 0] == b).nonzero().flatten().tolist():
-            box = [float(v) * zoom for v in rois[i, 1:]]
-            box[1] += 16
-            box[3] += 16
+        img = figures.to_pil(images[b], (h, w), figures.zoom_for((h, w)))
+        draw, zoom = ImageDraw.Draw(img), img.width / w
+        mine = (rois[:, 0] == b).nonzero().flatten().tolist()
+        boxes = xyxy_to_cxcywh(rois[:, 1:].float().cpu()) / torch.tensor([w, h, w, h])  # normalised
+        for i in mine:
             if not is_pos[i]:
-                draw.rectangle(box, outline=(128, 128, 128), width=1)
+                figures.draw_boxes(img, boxes[i], figures.GREY, width=1)
                 continue
-            colour = (255, 255, 255) if a is None else LEVEL_COLOURS[int(a[:, i].argmax()) % 5]
-            draw.rectangle(box, outline=colour, width=3 if is_gt[i] else 2)
+            colour = figures.WHITE if a is None else level_colour(a[:, i].argmax())
+            figures.draw_boxes(img, boxes[i], colour, width=3 if is_gt[i] else 2)
             if a is not None:  # a bar per student level (height a^l) and the teacher level
-                x0, y0 = box[0], max(box[1] - 24, 16)
-                draw.rectangle([x0, y0, x0 + 22 + 8 * a.shape[0], y0 + 22], fill=(0, 0, 0))
-                draw.text((x0 + 2, y0 + 5), f"t{int(level[i])}", fill=(255, 255, 255))
+                x0, y0 = float(rois[i, 1]) * zoom, max(float(rois[i, 2]) * zoom - 24, 0)
+                draw.rectangle([x0, y0, x0 + 22 + 8 * a.shape[0], y0 + 22], fill=figures.BLACK)
+                draw.text((x0 + 2, y0 + 4), f"t{int(level[i])}", fill=figures.WHITE, font=figures.font())
                 for lvl in range(a.shape[0]):
                     top = y0 + 21 - 20 * float(a[lvl, i])
                     draw.rectangle([x0 + 20 + 8 * lvl, top, x0 + 26 + 8 * lvl, y0 + 21],
-                                   fill=LEVEL_COLOURS[lvl % 5])
-        paths.append(os.path.join(out_dir, f"gdetkd_{int(targets[b]['image_id'])}.png"))
-        canvas.save(paths[-1])
-    print(f"visualize: wrote {len(paths)} figures to {out_dir}", flush=True)
+                                   fill=level_colour(lvl))
+        entries = [(figures.GREY, "negative RoI"), (None, "thick: GT RoI")]
+        if a is not None:
+            entries += [(level_colour(lvl), f"student level S{lvl} (stride {st})")
+                        for lvl, st in enumerate(strides)]
+            entries += [(None, "tk: teacher level; bars: SGFI weight a^l per student level")]
+        fig = figures.sheet([[figures.panel(img, "G-DetKD: sampled RoIs, SGFI level weights")]],
+                            [figures.legend(entries, img.width)])
+        paths.append(figures.save(fig, out_dir, "gdetkd", targets[b]["image_id"]))
     return paths
 
 
@@ -722,8 +653,7 @@ HELP = {
 
 def add_args(parser):
     g = distill.add_config_args(parser, GDetKDConfig, "G-DetKD", HELP, CHOICES)
-    g.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of the RoIs and SGFI level weights for a few val images")
+    figures.add_args(g, "the sampled RoIs and SGFI level weights")
     return parser
 
 
@@ -736,7 +666,8 @@ def main(argv=None):
     distiller = GDetKD(cfg, teacher, run.student, run.num_classes)
     stats = engine.train(run, distiller)
     if args.visualize and is_main_process():  # one process draws
-        visualize(distiller, args, args.visualize)
+        paths = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images)
+        print(f"visualize: wrote {len(paths)} figures to {args.visualize}", flush=True)
     distill.print_summary(args, run, teacher, stats)
     return stats
 

@@ -68,13 +68,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from PIL import ImageDraw
 from torchvision.ops import generalized_box_iou_loss
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine, ops  # noqa: E402
+from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.matcher import pad_targets  # noqa: E402
 
 SUPPORTED = ("conditional_detr", "dab_detr", "deformable_detr", "dino")
@@ -560,23 +562,17 @@ class QSKD(nn.Module):
 # --visualize: what QSKD distils, for a few validation images
 # ------------------------------------------------------------------------------------------
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
-
-
 @torch.no_grad()
-def visualize(distiller: QSKD, dataset, out_dir, num_images=4, min_side=256):
+def visualize(distiller: QSKD, dataset, out_dir, num_images=4):
     """One PNG per image: [teacher groups | student groups + LAPD pairs | AGFD mask per level].
 
     Groups (GQS, teacher at the last layer, student at its last layer): one colour per GT
     (white); the matched query thick, hard negatives thin; easy negatives not drawn. LAPD pairs:
-    a line from each student query's box centre to its teacher partner's. The AGFD mask M of
-    each feature level is overlaid in red. Returns the written paths."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    from common.data import IMAGENET_MEAN, IMAGENET_STD, collate
+    a line from each student query's box centre to its teacher partner's (grey). The AGFD mask
+    M of each feature level is laid over the image. Returns the written paths."""
+    def colour(i):  # one colour per GT
+        return figures.PALETTE[int(i) % len(figures.PALETTE)]
 
-    os.makedirs(out_dir, exist_ok=True)
     distiller.eval()
     device = next(distiller.student.parameters()).device
     paths = []
@@ -585,60 +581,43 @@ def visualize(distiller: QSKD, dataset, out_dir, num_images=4, min_side=256):
         t_enc, t_dec = distiller.teacher_forward(images, masks)
         s_dec = distiller.student.decode(distiller.student.encode(images, masks))
         sel = distiller.select(t_enc, t_dec, s_dec, targets)
-        h, w = (int(v) for v in targets[0]["size"])
-        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-        rgb = ((images[0, :, :h, :w].cpu() * std + mean).clamp(0, 1) * 255).byte()
-        base = Image.fromarray(rgb.permute(1, 2, 0).numpy())
-        scale = max(1.0, min_side / min(h, w))
-        base = base.resize((round(w * scale), round(h * scale)))
-        to_px = torch.tensor([w, h, w, h]) * scale
+        size = targets[0]["size"]
+        base = figures.to_pil(images[0], size, figures.zoom_for(size))
 
-        def draw_boxes(img, boxes, groups, title, pairs=None, partner_boxes=None):
-            d = ImageDraw.Draw(img)
-            for gt in targets[0]["boxes"].cpu():
-                d.rectangle((cxcywh_to_xyxy(gt) * to_px).tolist(), outline=(255, 255, 255), width=1)
+        def groups_panel(boxes, groups, title, pairs=None, partner_boxes=None):
+            img = base.copy()
+            figures.draw_boxes(img, targets[0]["boxes"], figures.WHITE, width=1)
             g, pos = groups.group[0].cpu(), groups.positive[0].cpu()
             for q in torch.nonzero(g >= 0).flatten().tolist():
-                d.rectangle((cxcywh_to_xyxy(boxes[q]) * to_px).tolist(),
-                            outline=PALETTE[int(g[q]) % len(PALETTE)], width=3 if pos[q] else 1)
+                figures.draw_boxes(img, boxes[q], colour(g[q]), 3 if pos[q] else 1)
             if pairs is not None:  # teacher partner boxes in grey, a line to each
+                d, to_px = ImageDraw.Draw(img), torch.tensor([img.width, img.height])
                 for qs, qt in zip(*pairs):
-                    d.rectangle((cxcywh_to_xyxy(partner_boxes[qt]) * to_px).tolist(),
-                                outline=(160, 160, 160), width=1)
-                    a, b = boxes[qs][:2] * to_px[:2], partner_boxes[qt][:2] * to_px[:2]
-                    d.line(a.tolist() + b.tolist(), fill=PALETTE[int(g[qs]) % len(PALETTE)], width=1)
-            d.text((3, 3), title, fill=(255, 255, 255))
-            return img
+                    figures.draw_boxes(img, partner_boxes[qt], figures.GREY, width=1)
+                    a, b = boxes[qs][:2] * to_px, partner_boxes[qt][:2] * to_px
+                    d.line(a.tolist() + b.tolist(), fill=colour(g[qs]), width=1)
+            return figures.panel(img, title)
 
         lt_last = distiller.layer_map[-1]
-        panels = [draw_boxes(base.copy(), t_dec.boxes[lt_last, 0].cpu(), sel["t_groups"][lt_last],
-                             "teacher GQS")]
+        panels = [groups_panel(t_dec.boxes[lt_last, 0].cpu(), sel["t_groups"][lt_last], "teacher GQS")]
         if sel["pairs"] is not None:
             b, qs, qt = sel["pairs"][-1]
-            panels.append(draw_boxes(base.copy(), s_dec.boxes[-1, 0].cpu(), sel["s_groups"][-1],
-                                     "student GQS + LAPD pairs", (qs.tolist(), qt.tolist()),
-                                     t_dec.boxes[lt_last, 0].cpu()))
+            panels.append(groups_panel(s_dec.boxes[-1, 0].cpu(), sel["s_groups"][-1],
+                                       "student GQS + LAPD pairs", (qs.tolist(), qt.tolist()),
+                                       t_dec.boxes[lt_last, 0].cpu()))
         if sel["mask"] is not None:
             start = 0
             for lvl, (H, W) in enumerate(t_enc.spatial_shapes_list):
-                m = sel["mask"][0, start:start + H * W].view(1, 1, H, W).cpu()
+                m = sel["mask"][0, start:start + H * W].view(H, W)                 # (H_l,W_l)
                 start += H * W
-                hv, wv = max(1, math.ceil(H * h / images.shape[2])), max(1, math.ceil(W * w / images.shape[3]))
-                m = F.interpolate(m[:, :, :hv, :wv], size=base.size[::-1], mode="nearest")[0, 0]
-                heat = torch.stack([m, torch.zeros_like(m), torch.zeros_like(m)], -1) * 255
-                over = (torch.from_numpy(np.array(base)).float() * 0.45 + heat * 0.55)
-                img = Image.fromarray(over.clamp(0, 255).byte().numpy())
-                ImageDraw.Draw(img).text((3, 3), f"AGFD mask, level {lvl} ({H}x{W})", fill=(255, 255, 255))
-                panels.append(img)
-        sheet = Image.new("RGB", (sum(p.size[0] for p in panels) + 4 * (len(panels) - 1),
-                                  base.size[1]), (0, 0, 0))
-        x = 0
-        for p in panels:
-            sheet.paste(p, (x, 0))
-            x += p.size[0] + 4
-        path = os.path.join(out_dir, f"qskd_{int(targets[0]['image_id'])}.png")
-        sheet.save(path)
-        paths.append(path)
+                panels.append(figures.panel(figures.heat_overlay(base, m, images.shape[-2:], size),
+                                            f"AGFD mask, level {lvl} ({H}x{W})"))
+        width = figures.row_width(panels)
+        key = figures.legend([(figures.WHITE, "GT"), (colour(0), "group of a GT (one colour each)"),
+                              (None, "thick: matched query, thin: hard negative"),
+                              (figures.GREY, "teacher partner of a LAPD pair")], width)
+        fig = figures.sheet([panels], [key, figures.colorbar(width, "mask 0", "1")])
+        paths.append(figures.save(fig, out_dir, "qskd", targets[0]["image_id"]))
     return paths
 
 
@@ -650,9 +629,7 @@ def add_qskd_args(parser):
     """One flag per QSKDConfig field (--tau, --tau-mode, --no-agfd, ...), defaults from it."""
     g = distill.add_config_args(parser, QSKDConfig,
                                 "QSKD (all [recon] unless the docstring says otherwise)")
-    g.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of groups, LAPD pairs and AGFD masks for a few val images")
-    g.add_argument("--visualize-images", dest="visualize_images", type=int, default=4)
+    figures.add_args(g, "the GQS groups, LAPD pairs and AGFD masks")
     return parser
 
 
