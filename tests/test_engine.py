@@ -79,10 +79,12 @@ def build(seed, dropout=0.1, width=8, lr=1e-2):
     return module, opt, sched
 
 
-def run(module, opt, sched, loader, out, start, epochs):
+def run(module, opt, sched, loader, out, start, epochs, history=(), save_every=0,
+        dist_info=None):
     args = argparse.Namespace(seed=0)
-    return engine.fit(module, opt, sched, loader, args=args, dist_info=DistInfo(),
-                      output_dir=out, start_epoch=start, epochs=epochs, verbose=False)
+    return engine.fit(module, opt, sched, loader, args=args, dist_info=dist_info or DistInfo(),
+                      output_dir=out, start_epoch=start, epochs=epochs, verbose=False,
+                      history=history, save_every=save_every)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -99,9 +101,11 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     run(module, opt, sched, loader, str(tmp_path / "cut"), 0, 2)  # "interrupted" after epoch 1
     torch.manual_seed(999)  # the process dies; whatever RNG state a new process has
     module, opt, sched = build(1)  # a fresh process builds a differently initialised model
-    start = engine.resume(module, opt, sched, str(tmp_path / "cut" / "checkpoint.pth"))
+    ckpt = read_checkpoint(str(tmp_path / "cut" / "checkpoint.pth"))
+    start = engine.resume(module, opt, sched, ckpt)
     assert start == 2
-    run(module, opt, sched, loader, str(tmp_path / "cut"), start, 4)
+    run(module, opt, sched, loader, str(tmp_path / "cut"), start, 4,
+        history=engine.log_history(ckpt, ""))
     for k, v in module.student.state_dict().items():
         assert torch.equal(v, full[k]), k
     lines = (tmp_path / "cut" / "log.txt").read_text().splitlines()
