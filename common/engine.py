@@ -231,7 +231,7 @@ def train_one_epoch(module, loader, optimizer, device, epoch, *, clip_max_norm=0
             raise FloatingPointError(
                 f"epoch {epoch} iteration {it}: the model diverged (its outputs are not finite: "
                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); the lr is {lr:g}: "
-                f"lower --lr, or raise the gradient clipping (--clip-max-norm)") from e
+                f"lower --lr, or clip the gradient harder (a smaller --clip-max-norm)") from e
         loss = sum(losses[k].float() * weight_dict[k] for k in losses if k in weight_dict)
         if not torch.isfinite(loss):
             bad = {k: float(v) for k, v in losses.items() if not torch.isfinite(v)}
