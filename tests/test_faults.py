@@ -356,3 +356,116 @@ def test_lr_and_lr_drop_given_on_resume_are_applied(tmp_path):
     assert saved["lr_scheduler"]["base_lrs"] == pytest.approx([4e-2, 4e-3])
     lrs = [line["train_lr"] for line in saved["log"]]
     assert lrs == pytest.approx([1e-2, 1e-2, 1e-3, 4e-2, 4e-2, 4e-3])
+
+
+# ------------------------------------------------------------------------------------------
+# SIGKILL at random moments: the resumed run ends where an uninterrupted one ends
+# ------------------------------------------------------------------------------------------
+
+EPOCHS = 6
+TIMING = ("epoch_time_s", "train_iter_time_s", "train_peak_mem_mb")
+
+
+class SlowBoxes(NoisyBoxes):
+    """NoisyBoxes that take a few milliseconds per image, so a kill at a random moment lands
+    inside an epoch as often as not."""
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return super().__getitem__(i)
+
+
+def _child(out, fault):
+    """One training process, as a method script runs it: the output-folder policy, resume
+    from the folder's checkpoint when there is one, then fit. ``fault`` kills this process
+    with SIGKILL at a chosen point: "save:E" halfway through writing checkpoint.pth of epoch
+    E, "kept:E" inside the kept copy of epoch E, "between:E" after checkpoint.pth of epoch E
+    and before its log line."""
+    torch.set_num_threads(1)
+    path = os.path.join(out, "checkpoint.pth")
+    args = argparse.Namespace(seed=1, output_dir=out, eval=False, overwrite=False,
+                              resume=path if os.path.exists(path) else None)
+    engine.prepare_output_dir(args, DistInfo())
+    engine.seed_everything(1)
+    module, opt, sched = build(0)                              # lr drop every 2 epochs
+    start, history = 0, []
+    if args.resume:
+        ckpt = read_checkpoint(path)
+        start, history = engine.resume(module, opt, sched, ckpt), engine.log_history(ckpt, path)
+        engine.write_log(out, history)
+    kind, _, at = fault.partition(":")
+    real_save, real_write_log = torch.save, engine.write_log
+
+    def dying_save(obj, f):
+        target = "checkpoint.pth" if kind == "save" else f"checkpoint{int(at or 0):04d}.pth"
+        if kind in ("save", "kept") and obj.get("epoch") == int(at) and \
+                getattr(f, "name", "").endswith(f".{target}.tmp-{os.getpid()}"):
+            f.write(b"PK\x03\x04 partial")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f)
+
+    def dying_write_log(folder, lines):
+        if kind == "between" and lines and lines[-1]["epoch"] == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_write_log(folder, lines)
+
+    if fault != "none":
+        torch.save, engine.write_log = dying_save, dying_write_log
+    print("training", flush=True)
+    loader = engine.make_loader(SlowBoxes(16), 4, collate, train=True, seed=1)
+    try:
+        engine.fit(module, opt, sched, loader, args=argparse.Namespace(seed=1),
+                   dist_info=DistInfo(), output_dir=out, start_epoch=start, epochs=EPOCHS,
+                   verbose=False, history=history)
+    finally:
+        torch.save, engine.write_log = real_save, real_write_log
+
+
+def _launch(out, fault, kill_after=None):
+    """Run ``_child`` in a fresh process; with ``kill_after`` seconds, SIGKILL it that long
+    after it starts training. Returns the exit code (-9: killed)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), out, fault],
+                            stdout=subprocess.PIPE, env=env, cwd=ROOT)
+    if kill_after is not None:
+        if proc.stdout.readline().strip() == b"training":
+            time.sleep(kill_after)
+            proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    return proc.returncode
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_run(tmp_path):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    rng = random.Random(0)
+    # the chosen points (in a save, between checkpoint and log, in a kept copy), in epoch
+    # order, with kills at random moments between them
+    faults = ["save:0", None, "between:2", None, "kept:3"]
+    killed = 0
+    for fault in faults:
+        code = _launch(cut, fault or "none", rng.uniform(0.1, 0.6) if fault is None else None)
+        assert code in (0, -signal.SIGKILL), code
+        killed += code == -signal.SIGKILL
+    while _launch(cut, "none") != 0:
+        pass
+    assert killed >= 3
+    _child(full, "none")       # the uninterrupted run, in this process (also 1 thread)
+    strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k not in TIMING}  # noqa
+                           for x in lines.splitlines()]
+    assert strip(open(os.path.join(cut, "log.txt")).read()) == \
+        strip(open(os.path.join(full, "log.txt")).read())
+    assert sorted(os.listdir(cut)) == sorted(os.listdir(full)) == [
+        "checkpoint.pth", "checkpoint0001.pth", "checkpoint0003.pth", "checkpoint0005.pth",
+        "log.txt"]                                          # no temporary file left behind
+    for name in ("checkpoint.pth", "checkpoint0001.pth", "checkpoint0003.pth"):
+        a, b = (read_checkpoint(os.path.join(d, name)) for d in (cut, full))
+        for k in b["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
+        assert strip("\n".join(json.dumps(x) for x in a["log"])) == \
+            strip("\n".join(json.dumps(x) for x in b["log"]))
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2])
