@@ -29,11 +29,13 @@ bookkeeping is done by torchvision.transforms.v2 on tv_tensors.BoundingBoxes.
 """
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +51,9 @@ from common.synthetic import SYNTH_PRESETS, default_cache_dir, ensure_synthetic
 
 # the embedded set's generator lives in common/synthetic.py; its cache folder and presets are
 # re-exported here for the scripts that build data sets
-__all__ = ["CocoDetection", "load_coco_annotations", "make_transforms", "RandomSizeCrop", "collate",
-           "build_dataset", "add_data_args", "SYNTH_PRESETS", "ensure_synthetic", "default_cache_dir"]
+__all__ = ["CocoDetection", "load_coco_annotations", "check_images", "ImageDecodeError",
+           "make_transforms", "RandomSizeCrop", "collate", "build_dataset", "add_data_args",
+           "SYNTH_PRESETS", "ensure_synthetic", "default_cache_dir"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,16 +63,100 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # COCO-format annotations: load, validate, repair
 # ==========================================================================================
 
-def load_coco_annotations(ann_file, img_folder=None) -> COCO:
+class ImageDecodeError(ValueError):
+    """An image file that cannot be read or decoded; the message names the file."""
+
+
+def image_check_cache_path(img_folder, cache_dir=None) -> Path:
+    """The cache of ``check_images`` for one image folder (keyed on its real path)."""
+    key = hashlib.sha256(os.path.realpath(img_folder).encode()).hexdigest()[:16]
+    return Path(cache_dir or default_cache_dir()) / "image-checks" / f"{key}.json"
+
+
+def _image_header(path):
+    """(width, height) from the image's header (PIL's lazy open: no pixel is decoded)."""
+    with Image.open(path) as pil:
+        return pil.size
+
+
+def check_images(img_folder, file_names, ann_file=None, cache_dir=None, workers=None) -> dict:
+    """Check that every listed image exists and has a readable header; returns
+    ``{file_name: (width, height)}`` as the files say.
+
+    Cheap enough for COCO's 118k images: each file is ``stat``-ed and, unless the cache holds it
+    with the same size and modification time, opened lazily by PIL (format and size from the
+    header, no decoding), in a thread pool. Results are cached in a small JSON file per image
+    folder under the data cache (``image_check_cache_path``). A missing file is a
+    FileNotFoundError, an unreadable header an ImageDecodeError, both naming the files. A file
+    whose header is fine but whose data is damaged (a truncated JPEG) is found only when it is
+    decoded: ``CocoDetection`` then raises an ImageDecodeError naming it.
+    """
+    img_folder = Path(img_folder)
+    where = f" (listed in {ann_file})" if ann_file else ""
+    cache_path = image_check_cache_path(img_folder, cache_dir)
+    try:
+        with open(cache_path) as f:
+            cached = json.load(f).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        cached = {}
+
+    def stat(name):
+        try:
+            st = os.stat(img_folder / name)
+            return name, [st.st_size, st.st_mtime_ns]
+        except FileNotFoundError:
+            return name, None
+
+    def header(name):
+        try:
+            return name, list(_image_header(img_folder / name)), None
+        except (OSError, SyntaxError, ValueError) as e:  # PIL: UnidentifiedImageError, ...
+            return name, None, f"{type(e).__name__}: {e}"
+
+    workers = workers or min(32, 4 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        stats = dict(pool.map(stat, file_names))
+        missing = [n for n, st in stats.items() if st is None]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image file(s){where} not found, first: "
+                                    + ", ".join(str(img_folder / n) for n in missing[:3]))
+        todo = [n for n, st in stats.items()
+                if not (isinstance(cached.get(n), list) and cached[n][:2] == st)]
+        fresh = list(pool.map(header, todo))
+    bad = [(n, why) for n, _, why in fresh if why]
+    if bad:
+        raise ImageDecodeError(f"{len(bad)} image file(s){where} cannot be read as images, "
+                               f"first: " + "; ".join(f"{img_folder / n} ({why})"
+                                                      for n, why in bad[:3]))
+    redo = set(todo)
+    files = {n: cached[n] for n in file_names if n not in redo}
+    files.update({n: stats[n] + size for n, size, _ in fresh})
+    if fresh:  # write the cache atomically; a read-only cache only costs the next run time
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_name(f".{cache_path.name}.tmp-{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump({"folder": os.path.realpath(img_folder),
+                           "files": {**cached, **files}}, f)
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass
+    return {n: (v[2], v[3]) for n, v in files.items()}
+
+
+def load_coco_annotations(ann_file, img_folder=None, cache_dir=None) -> COCO:
     """Read a COCO-format json into a pycocotools ``COCO`` index, checked and repaired.
 
     Errors name the file: a missing file, invalid json, missing top-level lists, annotations that
     point to unknown images or categories, boxes that are not 4 finite numbers, duplicate ids.
     Repairs (the usual pycocotools pitfalls): missing ``info``/``licenses`` (pycocotools 2.0.9-10
     ``loadRes`` needs ``info``), missing ``iscrowd`` (0), ``area`` (box area) and annotation ``id``,
-    missing category ``name``, and missing image ``width``/``height`` (read from the image header
-    when ``img_folder`` is given). Degenerate boxes (zero or negative width or height once clipped
-    to the image) are dropped with one warning, so training and evaluation see the same set.
+    missing category ``name``. With ``img_folder`` every image file is checked (``check_images``:
+    existence and header, cached in ``cache_dir``) and the image sizes the files give are the
+    ones used: a missing ``width``/``height`` is filled in, one that differs from the file is
+    replaced, with one warning (boxes are clipped to the real image, as in training). Degenerate
+    boxes (zero or negative width or height once clipped to the image) are dropped with one
+    warning, so training and evaluation see the same set.
     """
     ann_file = Path(ann_file)
     if not ann_file.is_file():
@@ -108,14 +195,22 @@ def load_coco_annotations(ann_file, img_folder=None) -> COCO:
             raise bad(f"image #{i} needs an integer 'id' and a 'file_name': {im!r}")
         if im["id"] in images:
             raise bad(f"duplicate image id {im['id']}")
-        if ("width" not in im or "height" not in im) and img_folder is not None:
-            path = Path(img_folder) / im["file_name"]
-            try:
-                with Image.open(path) as pil:  # reads the header only
-                    im["width"], im["height"] = pil.size
-            except FileNotFoundError:
-                raise FileNotFoundError(f"image file not found: {path} (listed in {ann_file})") from None
         images[im["id"]] = im
+    if img_folder is not None:
+        sizes = check_images(img_folder, sorted({im["file_name"] for im in images.values()}),
+                             ann_file, cache_dir)
+        wrong = []
+        for im in images.values():
+            w, h = sizes[im["file_name"]]
+            if "width" in im and "height" in im and (im["width"], im["height"]) != (w, h):
+                wrong.append(f"{im['file_name']}: {im['width']}x{im['height']} in the file list, "
+                             f"{w}x{h} on disk")
+            im["width"], im["height"] = w, h
+        if wrong:
+            warnings.warn(f"{ann_file}: {len(wrong)} image(s) have another size on disk than "
+                          f"the annotation file says; the sizes on disk are used (check that the "
+                          f"boxes were drawn on these images), first: {'; '.join(wrong[:3])}",
+                          stacklevel=2)
 
     kept, dropped, ann_ids = [], 0, set()
     for i, a in enumerate(data["annotations"]):
@@ -171,16 +266,16 @@ class CocoDetection(torch.utils.data.Dataset):
     (their target has zero boxes). Every listed image file is checked to exist at construction.
     """
 
-    def __init__(self, img_folder, ann_file, transforms=None):
+    def __init__(self, img_folder, ann_file, transforms=None, cache_dir=None):
         self.img_folder = Path(img_folder)
         self.ann_file = Path(ann_file)
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"COCO annotation file not found: {self.ann_file}")
         if not self.img_folder.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.img_folder}")
-        self.coco = load_coco_annotations(self.ann_file, self.img_folder)
+        # every image file checked (existence, header, size), see check_images
+        self.coco = load_coco_annotations(self.ann_file, self.img_folder, cache_dir)
         self.ids = sorted(self.coco.imgs)
-        self._check_files()
 
         # contiguous labels <-> category ids, in sorted id order
         self.label_to_category = sorted(self.coco.cats)           # label -> category id
@@ -189,18 +284,6 @@ class CocoDetection(torch.utils.data.Dataset):
         self.class_names = [self.coco.cats[c]["name"] for c in self.label_to_category]
         self.transforms = transforms if transforms is not None else T.Compose(
             [T.ToImage(), T.ToDtype(torch.float32, scale=True)])
-
-    def _check_files(self):
-        listed = set(os.listdir(self.img_folder))
-        missing = []
-        for i in self.ids:
-            name = self.coco.imgs[i]["file_name"]
-            if name not in listed and not (self.img_folder / name).is_file():
-                missing.append(str(self.img_folder / name))
-        if missing:
-            raise FileNotFoundError(
-                f"{len(missing)} image file(s) listed in {self.ann_file} not found, first: "
-                + ", ".join(missing[:3]))
 
     def __len__(self):
         return len(self.ids)
@@ -212,9 +295,12 @@ class CocoDetection(torch.utils.data.Dataset):
             with Image.open(path) as pil:
                 image = pil.convert("RGB")
         except FileNotFoundError:
-            raise FileNotFoundError(f"image file not found: {path} (listed in {self.ann_file})") from None
-        except OSError as e:
-            raise OSError(f"cannot read image file {path}: {e}") from None
+            raise ImageDecodeError(f"image file not found: {path} (listed in {self.ann_file}); "
+                                   f"it was there when the run started") from None
+        except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged data
+            raise ImageDecodeError(f"cannot decode image file {path} (listed in {self.ann_file}): "
+                                   f"{e}; replace the file or remove it from the annotation "
+                                   f"file, then --resume") from None
         w, h = image.size
 
         # COCO boxes are absolute [x, y, w, h]; to xyxy, clipped to the image; crowd and empty out
@@ -420,4 +506,4 @@ def build_dataset(image_set: str, args=None, **overrides) -> CocoDetection:
     size = opt["image_size"] or default_size
     transforms = make_transforms(image_set, size, opt["max_size"], augment=bool(opt["augment"]),
                                  hflip=opt["data"] != "synthetic")
-    return CocoDetection(img_folder, ann_file, transforms)
+    return CocoDetection(img_folder, ann_file, transforms, cache_dir=opt["data_cache"])

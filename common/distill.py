@@ -134,6 +134,12 @@ def resolve(args):
                          "--teacher PATH")
     args.teacher_overrides = parse_model_args(args.teacher_variant, args.teacher_arg) \
         if args.teacher_variant is not None else {}
+    if (args.teacher and args.output_dir and not args.eval and os.path.isdir(args.output_dir)
+            and os.path.samefile(args.output_dir,
+                                 os.path.dirname(os.path.abspath(args.teacher)))):
+        raise ValueError(f"--output-dir {args.output_dir} is the folder of the teacher "
+                         f"{args.teacher}: the student's checkpoint would replace it; choose "
+                         f"another folder")
     return args
 
 
@@ -294,10 +300,15 @@ def last_log_line(checkpoint_path):
 
 
 def teacher_stats(teacher_path, evaluate_teacher, args):
-    """The teacher's COCO stats on this validation set, cached beside its checkpoint."""
-    key = hashlib.sha256(json.dumps({k: getattr(args, k, None) for k in (
-        "data", "coco_path", "val_ann", "synth", "synth_seed", "synth_num_val", "image_size",
-        "max_size", "max_iters")}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """The teacher's COCO stats on this validation set, cached beside its checkpoint; the key
+    holds the data flags and the teacher file's size and modification time, so a replaced
+    teacher is evaluated again."""
+    st = os.stat(teacher_path)
+    key = {k: getattr(args, k, None) for k in (
+        "data", "coco_path", "val_ann", "val_images", "synth", "synth_seed", "synth_num_val",
+        "image_size", "max_size", "max_iters")}
+    key["teacher"] = [os.path.basename(teacher_path), st.st_size, st.st_mtime_ns]
+    key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     cache = os.path.join(os.path.dirname(teacher_path), f"eval-{key}.json")
     if os.path.isfile(cache):
         with open(cache) as f:
