@@ -13,12 +13,15 @@
 * ``Joiner``: backbone + position encoding as ``backbone.0`` / ``backbone.1``, the layout of
   every official checkpoint (keys ``backbone.0.body.layer1...``).
 
-Pretrained weights come only from a file that is already on disk: torchvision's hub cache
-(``torch.hub.get_dir()/checkpoints``) for ``pretrained=True``, or an explicit
-``backbone_weights`` path. Nothing here ever starts a download.
+Pretrained weights come only from a file that is already on disk: for ``pretrained=True``
+torchvision's ImageNet file (``IMAGENET1K_V1``, the weights the official DETR repositories start
+from) in torchvision's cache (``torch.hub.get_dir()/checkpoints``), or an explicit
+``backbone_weights`` path. Nothing here ever starts a download: a missing file is an error that
+names the file, the folder and the URL (``cached_imagenet_weights``).
 """
 import math
 import os
+import urllib.parse
 from typing import Optional
 
 import torch
@@ -29,7 +32,8 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-__all__ = ["Backbone", "PositionEmbeddingSine", "Joiner", "sine_embed", "build_backbone"]
+__all__ = ["Backbone", "PositionEmbeddingSine", "Joiner", "sine_embed", "build_backbone",
+           "imagenet_weights", "cached_imagenet_weights"]
 
 _TORCHVISION_RESNETS = {
     "resnet18": ("resnet18", "ResNet18_Weights"),
@@ -73,6 +77,39 @@ def _tiny_resnet(width: int) -> nn.Module:
     return net
 
 
+def imagenet_weights(name: str):
+    """The ImageNet weights the official DETR repositories start ``name`` from: torchvision's
+    ``IMAGENET1K_V1`` (e.g. ``torchvision.models.ResNet50_Weights.IMAGENET1K_V1``). Returns
+    (weights enum member, the file's path in torchvision's cache, its URL). The cache folder is
+    ``torch.hub.get_dir()/checkpoints`` ($TORCH_HOME/hub/checkpoints), and the file name is the
+    URL's last part, as ``torch.hub.load_state_dict_from_url`` names it."""
+    if name not in _TORCHVISION_RESNETS:
+        raise ValueError(f"ImageNet weights exist for {sorted(_TORCHVISION_RESNETS)}, not "
+                         f"{name!r}; pass backbone_weights=PATH for other backbones")
+    enum = getattr(torchvision.models, _TORCHVISION_RESNETS[name][1]).IMAGENET1K_V1
+    path = os.path.join(torch.hub.get_dir(), "checkpoints",
+                        os.path.basename(urllib.parse.urlparse(enum.url).path))
+    return enum, path, enum.url
+
+
+def cached_imagenet_weights(name: str) -> str:
+    """The path of ``name``'s ImageNet file in torchvision's cache. Never downloads: when the
+    file is not there, a FileNotFoundError says which file to put in which folder, and where it
+    comes from."""
+    enum, path, url = imagenet_weights(name)
+    if not os.path.isfile(path):
+        folder, fname = os.path.split(path)
+        raise FileNotFoundError(
+            f"the ImageNet weights of {name} are not in the local torchvision cache: put the "
+            f"file {fname} into the folder {folder} (torchvision's cache, "
+            f"torch.hub.get_dir()/checkpoints; set TORCH_HOME to use another one). It is "
+            f"torchvision.models.{type(enum).__name__}.IMAGENET1K_V1, from {url} (e.g. "
+            f"`wget -P {folder} {url}` on a machine with network; nothing is downloaded here). "
+            f"Or start the backbone from another file (--backbone-weights PATH), or from "
+            f"random weights (--no-pretrained, pretrained=False)")
+    return path
+
+
 def _load_weights(net: nn.Module, name: str, pretrained: bool, backbone_weights: Optional[str]):
     """Fill ``net`` from a local file; raise a clear error when the file is not there."""
     if backbone_weights is not None:
@@ -83,13 +120,7 @@ def _load_weights(net: nn.Module, name: str, pretrained: bool, backbone_weights:
         if name not in _TORCHVISION_RESNETS:
             raise ValueError(f"pretrained=True needs a torchvision ResNet, not {name!r}; "
                              f"pass backbone_weights=PATH for other backbones")
-        enum = getattr(torchvision.models, _TORCHVISION_RESNETS[name][1])
-        url = enum.IMAGENET1K_V1.url  # the weights DETR-family models were trained from
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"pretrained {name} weights are not in the local torchvision cache ({path}); "
-                f"download {url} there, or pass backbone_weights=PATH, or pretrained=False")
+        path = cached_imagenet_weights(name)
     else:
         return
     state = torch.load(path, map_location="cpu", weights_only=True)

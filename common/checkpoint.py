@@ -43,6 +43,7 @@ Usage::
                           two_stage=True, category_ids=dataset.label_to_category)
 """
 import argparse
+import math
 import operator
 import os
 import pickle
@@ -60,7 +61,7 @@ __all__ = ["OfficialLayout", "official_layout", "read_checkpoint", "extract_stat
            "strip_module_prefix", "official_to_ours", "ours_to_official", "coco_slots_to_classes",
            "check_state_fits", "load_official", "COCO_NUM_SLOTS", "COCO_80_CATEGORY_IDS",
            "save_checkpoint", "trainable_state", "load_trainable_state", "load_detector",
-           "unwrap"]
+           "unwrap", "official_model_args", "merge_official_args"]
 
 COCO_NUM_SLOTS = 91  # category ids 0..90 (0 and ten others unused) in every official COCO head
 # the 80 category ids COCO uses, in sorted order (label -> category id for the 80 classes)
@@ -128,6 +129,122 @@ def _flags_of(variant: str, overrides: dict) -> dict:
         flags.update(with_box_refine=overrides.get("with_box_refine", cfg.with_box_refine),
                      two_stage=overrides.get("two_stage", cfg.two_stage))
     return flags
+
+
+# ------------------------------------------------------------------------------------------
+# The training args an official file stores: the model it holds
+# ------------------------------------------------------------------------------------------
+
+# official argparse name -> our config field, where the meaning is the same (each repo's
+# main.py; DINO's config/DINO/DINO_4scale.py, merged into its args)
+_SAME_NAME = ("backbone", "dilation", "hidden_dim", "nheads", "enc_layers", "dec_layers",
+              "dim_feedforward", "dropout", "num_queries", "focal_alpha", "eos_coef",
+              "num_select", "with_box_refine", "two_stage", "num_feature_levels",
+              "enc_n_points", "dec_n_points", "dn_number", "dn_box_noise_scale",
+              "dn_label_noise_ratio")
+# official settings our models do not build: (name, the value ours implies, for which variants)
+_MUST_BE = (("position_embedding", "sine", None), ("pre_norm", False, None),
+            ("masks", False, None), ("num_patterns", 0, None),
+            ("position_embedding_scale", 2 * math.pi, None),
+            ("two_stage_type", "standard", ("dino",)), ("query_dim", 4, ("dino",)),
+            ("dec_pred_bbox_embed_share", True, ("dino",)),
+            ("dec_pred_class_embed_share", True, ("dino",)),
+            ("two_stage_bbox_embed_share", False, ("dino",)),
+            ("two_stage_class_embed_share", False, ("dino",)),
+            ("embed_init_tgt", True, ("dino",)), ("dec_layer_number", None, ("dino",)),
+            ("decoder_sa_type", "sa", ("dino",)), ("return_interm_indices", [1, 2, 3], ("dino",)))
+
+
+def official_model_args(variant: str, stored) -> Dict[str, Tuple[object, str]]:
+    """The model settings an official checkpoint's stored ``args`` (an argparse.Namespace, or
+    a dict) fix: ``{config field: (value, "official_name=raw value")}``.
+
+    Names follow each official main.py (DETR, Conditional DETR, Deformable DETR, DAB-DETR) and
+    DINO's config files: the shared ones keep their names (``dilation``, ``hidden_dim``,
+    ``num_queries``, ``with_box_refine``, ...); DAB-DETR and DINO's ``pe_temperatureH/W`` give
+    ``pos_temperature`` and ``transformer_activation`` gives ``activation``; the matcher's
+    ``set_cost_*`` and the losses' ``*_loss_coef`` give ``matcher_weights`` and
+    ``loss_weights``. A setting that the models here do not build (pre-norm, learned position
+    encoding, DAB-DETR's patterns, DINO-5scale, other DINO query schemes) is a ValueError naming
+    it. Names absent from ``stored`` fix nothing; unknown names are ignored (data, schedule)."""
+    if variant not in CONFIGS:
+        raise ValueError(f"variant must be one of {sorted(CONFIGS)}, got {variant!r}")
+    a = dict(vars(stored)) if isinstance(stored, argparse.Namespace) else dict(stored)
+    cfg = CONFIGS[variant]()
+    if "modelname" in a and a["modelname"] != variant:  # DAB-DETR's and DINO's main.py name it
+        raise ValueError(f"the checkpoint's args say modelname={a['modelname']!r}, not "
+                         f"{variant}: pass the variant it was trained as (e.g. --teacher-variant "
+                         f"{a['modelname']}); the models here build {sorted(CONFIGS)}")
+    for name, expected, variants in _MUST_BE:
+        if name in a and (variants is None or variant in variants):
+            value = a[name]
+            same = (math.isclose(value, expected) if isinstance(expected, float) and
+                    isinstance(value, (int, float)) else
+                    list(value) == expected if isinstance(expected, list) and
+                    isinstance(value, (list, tuple)) else value == expected)
+            if not same:
+                raise ValueError(f"the checkpoint was trained with {name}={value!r}; the "
+                                 f"{variant} built here has {name}={expected!r}, so its "
+                                 f"weights would compute something else")
+    out = {}
+    for name in _SAME_NAME:
+        if name in a and hasattr(cfg, name):
+            out[name] = (a[name], f"{name}={a[name]!r}")
+    if "backbone" in out and out["backbone"][0] not in ("resnet18", "resnet34", "resnet50",
+                                                         "resnet101"):
+        raise ValueError(f"the checkpoint's backbone is {out['backbone'][0]!r}; the models "
+                         f"here build torchvision ResNet-18/34/50/101 only")
+    if "pe_temperatureH" in a or "pe_temperatureW" in a:
+        h, w = a.get("pe_temperatureH"), a.get("pe_temperatureW", a.get("pe_temperatureH"))
+        h = w if h is None else h
+        if h != w:
+            raise ValueError(f"the checkpoint uses pe_temperatureH={h} and pe_temperatureW={w}; "
+                             f"the models here use one temperature for both axes")
+        if hasattr(cfg, "pos_temperature"):
+            out["pos_temperature"] = (float(h), f"pe_temperatureH={h!r}, pe_temperatureW={w!r}")
+    if "transformer_activation" in a and hasattr(cfg, "activation"):
+        out["activation"] = (a["transformer_activation"],
+                             f"transformer_activation={a['transformer_activation']!r}")
+    costs = ("set_cost_class", "set_cost_bbox", "set_cost_giou")
+    if all(c in a for c in costs):
+        out["matcher_weights"] = (tuple(float(a[c]) for c in costs),
+                                  ", ".join(f"{c}={a[c]!r}" for c in costs))
+    coefs = ("cls_loss_coef", "bbox_loss_coef", "giou_loss_coef")
+    if all(c in a for c in coefs[1:]):
+        cls = a.get("cls_loss_coef", 1.0)  # DETR has none: its class loss weighs 1
+        out["loss_weights"] = ((float(cls), float(a[coefs[1]]), float(a[coefs[2]])),
+                               ", ".join(f"{c}={a[c]!r}" for c in coefs if c in a))
+    return out
+
+
+def merge_official_args(variant: str, stored, overrides: Optional[dict] = None,
+                        what: str = "the checkpoint") -> dict:
+    """``overrides`` completed with the settings ``stored`` (the file's args) fixes. A given
+    setting that contradicts the file is a ValueError naming both values; one the file does
+    not fix is kept."""
+    overrides = dict(overrides or {})
+    for name, (value, raw) in official_model_args(variant, stored).items():
+        if name in overrides and not _same_setting(overrides[name], value):
+            raise ValueError(f"{name}={overrides[name]!r} contradicts the args stored in {what}: "
+                             f"it was trained with {raw} ({name}={value!r}); leave {name} unset "
+                             f"and the file's value is used")
+        overrides[name] = value
+    return overrides
+
+
+def _same_setting(a, b) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and \
+            not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def stored_args(ckpt):
+    """The training args an official file keeps under "args" (None when absent)."""
+    a = ckpt.get("args") if isinstance(ckpt, Mapping) else None
+    return a if isinstance(a, (argparse.Namespace, Mapping)) else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -418,7 +535,11 @@ def load_official(source, variant: str, num_classes: Optional[int] = None,
     num_classes:  the file's class slots (default 91, COCO; DETR's extra no-object row is
                   implied by its softmax head). With ``category_ids`` it defaults to their
                   number: the heads are sliced by ``coco_slots_to_classes``.
-    Deformable DETR needs the file's flags: ``with_box_refine=True`` and/or ``two_stage=True``.
+    The settings the file's stored ``args`` fix (``official_model_args``: dilation, position
+    temperature, with_box_refine, two_stage, sizes, ...) are used; ``model_overrides`` may add
+    others but not contradict them (a ValueError names both values). A file without args needs
+    its structural flags in ``model_overrides`` (Deformable DETR: ``with_box_refine=True``,
+    ``two_stage=True``).
     Returns the model in eval mode. Any misfit raises a ValueError naming the keys.
     """
     if isinstance(source, Mapping):
@@ -427,6 +548,8 @@ def load_official(source, variant: str, num_classes: Optional[int] = None,
         ckpt = read_checkpoint(source, allow_unsafe_pickle)
     else:
         raise TypeError(f"source must be a path or a (state) dict, got {type(source).__name__}")
+    if stored_args(ckpt) is not None:  # the file says what it was trained with
+        model_overrides = merge_official_args(variant, stored_args(ckpt), model_overrides)
     flags = _flags_of(variant, model_overrides)
     layout = official_layout(variant, **flags)
     state = official_to_ours(extract_state_dict(ckpt, which), variant, **flags)
@@ -515,8 +638,9 @@ def load_detector(path, num_classes, device="cpu", *, variant=None, overrides=No
     Ours (methods/baseline.py's, or a method script's: its "model" entry is the student) record
     the variant and model settings under "args"; ``variant`` and ``overrides`` must then be
     unset (or name the recorded variant). Any other file is read as an official checkpoint
-    (``load_official``) of ``variant`` built with ``overrides`` (the file's structural flags,
-    e.g. ``with_box_refine=True``, as ``build_model``'s); its COCO class slots
+    (``load_official``) of ``variant``, built from the ``args`` the file stores plus
+    ``overrides`` (settings the file does not record, as ``build_model``'s; one that
+    contradicts the file's args is a ValueError naming both values); its COCO class slots
     ``category_ids`` (the data set's ``label_to_category``, one per class) become the
     ``num_classes`` classes, or with ``category_ids=None`` the file must have ``num_classes``
     class rows. ``variant=None`` with an official file is a ValueError saying what to pass.
@@ -554,9 +678,12 @@ def load_detector(path, num_classes, device="cpu", *, variant=None, overrides=No
             f"for Deformable DETR +refine / two-stage)")
     if category_ids is not None and len(category_ids) != num_classes:
         raise ValueError(f"{len(category_ids)} category ids for {num_classes} classes")
+    overrides = dict(overrides or {})
+    if stored_args(ckpt) is not None:  # refused here, with the file named, before building
+        overrides = merge_official_args(variant, stored_args(ckpt), overrides, path)
     try:
         model = load_official(ckpt, variant, num_classes=num_classes, category_ids=category_ids,
-                              **(overrides or {}))
+                              **overrides)
     except ValueError as e:
         raise ValueError(f"{path} is neither a checkpoint of this project nor an official "
                          f"{variant} checkpoint with these settings ({overrides or {}}): "

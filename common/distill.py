@@ -32,7 +32,7 @@ from dataclasses import fields
 
 from torch import nn
 
-from common import cli
+from common import cli, recipes
 from common.checkpoint import load_detector
 from common.data import default_cache_dir
 from common.detr import CONFIGS
@@ -117,21 +117,39 @@ def parse_model_args(variant, items):
 
 
 def resolve(args):
-    """cli.resolve, with the method's default student preset unless model flags are given or
-    the run only evaluates a checkpoint (then the checkpoint says what the student is); the
-    official teacher's ``--teacher-arg`` items become ``args.teacher_overrides``."""
-    explicit = args.variant or args.preset or any(
-        getattr(args, n) is not None for n in list(cli.MODEL_FLAGS) + ["with_box_refine",
-                                                                       "two_stage"])
-    if not explicit and not args.eval:
-        args.preset = args.default_preset
-    args, _ = cli.resolve(args)
+    """cli.resolve (flags > recipe > preset > the variant's defaults: on real data the method's
+    headline recipe, on the embedded data the default CPU preset, unless model flags are given
+    or the run only evaluates a checkpoint), then the recipe's loss weights as defaults of the
+    method's config flags (a flag given explicitly wins), and the teacher's flags: the official
+    teacher's ``--teacher-arg`` items become ``args.teacher_overrides``. Prints the resolved
+    settings."""
+    args, _ = cli.resolve(args, announce=False)
+    explicit = set(args.explicit)
+    recipe = recipes.RECIPES[args.recipe] if args.recipe else None
+    for name in getattr(args, "method_fields", None) or ():
+        if name in explicit:
+            where = "flag"
+        elif recipe is not None and name in recipe.weights:
+            tagged = recipe.weights[name]
+            setattr(args, name, tagged.value)
+            where = f"recipe {args.recipe} [{tagged.source}]"
+        else:
+            where = f"{args.method} default" if getattr(args, "method", None) else "default"
+        args.settings[name], args.sources[name] = getattr(args, name), where
+    if recipe is not None:
+        t = recipe.teacher
+        args.settings["teacher_expected"] = " ".join(
+            [t["variant"].value, t["backbone"].value] +
+            [k for k in cli.BOOL_MODEL_FLAGS if t.get(k) and t[k].value])
+        args.sources["teacher_expected"] = f"recipe {args.recipe}"
     if args.teacher_variant is None and args.teacher_arg:
         raise ValueError("--teacher-arg describes an official teacher checkpoint: it needs "
                          "--teacher-variant")
     if args.teacher_variant is not None and not args.teacher:
         raise ValueError("--teacher-variant is for an official checkpoint given as "
                          "--teacher PATH")
+    if cli.real_data(args) and not args.teacher:
+        raise ValueError(missing_teacher_message(args))
     args.teacher_overrides = parse_model_args(args.teacher_variant, args.teacher_arg) \
         if args.teacher_variant is not None else {}
     if (args.teacher and args.output_dir and not args.eval and os.path.isdir(args.output_dir)
@@ -140,7 +158,44 @@ def resolve(args):
         raise ValueError(f"--output-dir {args.output_dir} is the folder of the teacher "
                          f"{args.teacher}: the student's checkpoint would replace it; choose "
                          f"another folder")
+    if args.teacher_variant is not None:
+        check_teacher_fits_recipe(args, args.teacher_variant)
+    cli.announce_settings(args)
     return args
+
+
+def missing_teacher_message(args):
+    text = "--teacher PATH is required with --data coco"
+    if args.recipe:
+        t = recipes.RECIPES[args.recipe].teacher
+        flags = " ".join(f"--{k.replace('_', '-')}" for k in cli.BOOL_MODEL_FLAGS
+                         if t.get(k) and t[k].value)
+        text += (f": the recipe {args.recipe} expects a {t['variant'].value} "
+                 f"{t['backbone'].value} teacher, an official checkpoint (--teacher FILE "
+                 f"--teacher-variant {t['variant'].value}) or one trained with "
+                 f"methods/baseline.py --data coco --variant {t['variant'].value} --backbone "
+                 f"{t['backbone'].value} {flags}".rstrip() + ")")
+    else:
+        text += " (train a teacher with methods/baseline.py first)"
+    return text
+
+
+def check_teacher_fits_recipe(args, teacher_variant):
+    """A recipe distils a student of one family from a teacher of the same family; a teacher
+    of another family is refused with the flags that choose a fitting student."""
+    if not args.recipe:
+        return
+    r = recipes.RECIPES[args.recipe]
+    expected = r.teacher["variant"].value
+    if teacher_variant == expected:
+        return
+    fitting = [n for n, x in recipes.RECIPES.items()
+               if x.method == r.method and x.teacher["variant"].value == teacher_variant]
+    choose = (f"--recipe {' or --recipe '.join(fitting)}" if fitting else
+              f"--recipe none --variant {teacher_variant} (with the student's size flags)")
+    raise ValueError(f"the recipe {args.recipe} distils a {r.student['variant'].value} student "
+                     f"from a {expected} teacher, but the teacher is a {teacher_variant}: pass "
+                     f"{choose}, or a {expected} teacher")
 
 
 def add_config_args(parser, config_cls, title, help=None, choices=None, flags=None):
@@ -150,6 +205,9 @@ def add_config_args(parser, config_cls, title, help=None, choices=None, flags=No
     ``choices`` to allowed values, ``flags`` to a flag name other than the field's."""
     g = parser.add_argument_group(title)
     default = config_cls()
+    method = next((m for m, c in recipes.METHOD_CONFIGS.items() if c == config_cls.__name__),
+                  None)
+    parser.set_defaults(method=method, method_fields=[f.name for f in fields(config_cls)])
     for f in fields(config_cls):
         flag = "--" + (flags or {}).get(f.name, f.name.replace("_", "-"))
         value = getattr(default, f.name)
@@ -185,6 +243,7 @@ def load_teacher(args, run):
     teacher = freeze(load_detector(
         path, run.num_classes, run.device, variant=args.teacher_variant,
         overrides=args.teacher_overrides, category_ids=run.dataset_train.label_to_category))
+    check_teacher_fits_recipe(args, teacher.variant)
     teacher.path = path
     if args.baseline and not args.eval and run.info.is_main:
         ensure_baseline(args)  # the same student without distillation, for the summary
@@ -210,8 +269,7 @@ def ensure_teacher(args):
             raise FileNotFoundError(f"--teacher {args.teacher}: no such file")
         return args.teacher
     if args.data != "synthetic":
-        raise ValueError("--teacher PATH is required with --data coco (train a teacher with "
-                         "methods/baseline.py first)")
+        raise ValueError(missing_teacher_message(args))
     path = teacher_cache_path(args)
     if os.path.isfile(path):
         print(f"teacher: cached at {path}", flush=True)

@@ -691,6 +691,11 @@ def prepare(args) -> Run:
                                                        dataset_val)).to(info.device)
     val_loader = make_loader(dataset_val, args.batch_size, collate, train=False,
                              num_workers=args.num_workers, dist_info=info)
+    if info.is_main and not args.eval and args.output_dir and hasattr(args, "settings"):
+        os.makedirs(args.output_dir, exist_ok=True)  # beside log.txt: what cli.resolve chose
+        with open(os.path.join(args.output_dir, "settings.json"), "w") as f:
+            json.dump({"settings": args.settings, "sources": args.sources,
+                       "command": sys.argv}, f, indent=1, default=str)
     return Run(args, info, dataset_train, dataset_val, student, val_loader,
                CocoEvaluator.from_dataset(dataset_val), checkpoint)
 

@@ -375,6 +375,30 @@ def test_module_prefix_and_file_with_namespace(tmp_path):
                          dec_layers=3)
 
 
+def test_stored_args_build_the_model(tmp_path):
+    """A Deformable DETR +refine +two-stage file whose args record the flags (and the sizes,
+    under the official names) loads without any flag, and computes what its source computes;
+    a flag that contradicts the file names both values."""
+    flags = dict(with_box_refine=True, two_stage=True)
+    model = tiny("deformable_detr", **flags)
+    official = ours_to_official(model.state_dict(), "deformable_detr", dec_layers=3, **flags)
+    stored = argparse.Namespace(**{k: v for k, v in SMALL.items() if k not in ("backbone",
+                                                                              "width")},
+                                **flags, num_feature_levels=4, position_embedding="sine",
+                                lr=2e-4, epochs=50)
+    path = tmp_path / "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage.pth"
+    torch.save({"model": official, "args": stored}, path)
+    loaded = load_official(path, "deformable_detr", num_classes=NC, backbone="tiny", width=8)
+    assert (loaded.cfg.with_box_refine, loaded.cfg.two_stage, loaded.cfg.dec_layers) == (
+        True, True, 3)
+    for a, b in zip(outputs(model), outputs(loaded)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="two_stage=False contradicts the args stored in the "
+                                         "checkpoint: it was trained with two_stage=True"):
+        load_official(path, "deformable_detr", num_classes=NC, backbone="tiny", width=8,
+                      two_stage=False)
+
+
 def test_unsafe_pickle_needs_consent(tmp_path):
     path = tmp_path / "odd.pth"
     torch.save({"model": {"a": torch.zeros(1)}, "ratio": fractions.Fraction(1, 3)}, path)

@@ -171,10 +171,18 @@ def test_official_teacher_errors_are_clear(tmp_path):
     # no --teacher-variant: what to pass
     with pytest.raises(ValueError, match="not a checkpoint of this project.*--teacher-variant"):
         load_detector(path, len(IDS), category_ids=IDS)
-    # the file's flags are not these: the file is named
-    with pytest.raises(ValueError, match=f"{path} is neither .* official deformable_detr"):
-        load_detector(path, len(IDS), variant="deformable_detr", overrides=SMALL,
-                              category_ids=IDS)
+    # the file's stored args say with_box_refine=True: a contradicting setting names both
+    with pytest.raises(ValueError, match=r"with_box_refine=False contradicts the args stored in "
+                                         rf"{path}: it was trained with with_box_refine=True"):
+        load_detector(path, len(IDS), variant="deformable_detr",
+                      overrides={**SMALL, "with_box_refine": False}, category_ids=IDS)
+    # a file without stored args and other flags than given: the file is named
+    bare = tmp_path / "no-args.pth"
+    ckpt = torch.load(path, weights_only=False)
+    torch.save({"model": ckpt["model"]}, bare)
+    with pytest.raises(ValueError, match=f"{bare} is neither .* official deformable_detr"):
+        load_detector(str(bare), len(IDS), variant="deformable_detr", overrides=SMALL,
+                      category_ids=IDS)
     with pytest.raises(ValueError, match="4 category ids for 5 classes"):
         load_detector(path, 5, variant="deformable_detr", category_ids=IDS)
     # not a checkpoint at all
