@@ -155,6 +155,10 @@ def add_train_args(parser):
     g.add_argument("--max-iters", dest="max_iters", type=int, default=None,
                    help="stop each epoch (and evaluation) after this many iterations (smoke runs)")
     g.add_argument("--print-every", dest="print_every", type=int, default=10)
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard: every loss "
+                        "and KD term, its weight and lr per iteration, AP per epoch (needs the "
+                        "tensorboard package)")
     return parser
 
 

@@ -40,6 +40,9 @@ from common.distributed import is_main_process
 
 BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "methods", "baseline.py")
+# teachers shipped with the repository: <preset>.pth (weights) and <preset>.json (how it was
+# trained, its sha256, the cache entry it stands for, its recorded AP); methods/teachers/pack.py
+SHIPPED_TEACHERS = os.path.join(os.path.dirname(BASELINE), "teachers")
 
 
 def build_parser(description, default_preset="cpu-student"):
@@ -261,9 +264,60 @@ def teacher_cache_path(args):
     return os.path.join(root, "teachers", f"{args.teacher_preset}-{digest}", "checkpoint.pth")
 
 
+def shipped_teacher(args):
+    """The description (<preset>.json) of the teacher shipped in methods/teachers/ when it was
+    trained with exactly this run's teacher settings (preset, seed, embedded-data settings: the
+    same cache entry), else None."""
+    meta_path = os.path.join(SHIPPED_TEACHERS, f"{args.teacher_preset}.json")
+    if args.data != "synthetic" or not os.path.isfile(meta_path):
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    name = os.path.basename(os.path.dirname(teacher_cache_path(args)))
+    return meta if meta.get("cache_name") == name else None
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def install_shipped_teacher(meta, path):
+    """Copy the shipped teacher (checked against its recorded sha256) and its training log into
+    the cache entry ``path`` it stands for; the entry appears whole or not at all."""
+    src = os.path.join(SHIPPED_TEACHERS, meta["file"])
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"{src} is missing (its description {meta['file']} is there): "
+                                f"restore it from the repository, or pass --teacher")
+    digest = file_sha256(src)
+    if digest != meta["sha256"]:
+        raise ValueError(f"{src} has sha256 {digest}, not the recorded {meta['sha256']}: the "
+                         f"file is damaged or was replaced; restore it from the repository")
+    folder = os.path.dirname(path)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".shipped-", dir=os.path.dirname(folder))
+    try:
+        shutil.copyfile(src, os.path.join(work, "checkpoint.pth"))
+        with open(os.path.join(work, "log.txt"), "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in meta.get("log", []))
+        try:
+            os.replace(work, folder)
+        except OSError:
+            if not os.path.isfile(path):  # a real failure, not another process finishing first
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
 def ensure_teacher(args):
-    """The teacher checkpoint: --teacher, or on the embedded data the cached one, which is
-    trained now with methods/baseline.py when missing (its output is shown as it runs)."""
+    """The teacher checkpoint: --teacher, or on the embedded data the cached one; when none is
+    cached, the teacher shipped in methods/teachers/ if it was trained with this run's teacher
+    settings (copied into the cache), else one trained now with methods/baseline.py (its output
+    is shown as it runs)."""
     if args.teacher:
         if not os.path.isfile(args.teacher):
             raise FileNotFoundError(f"--teacher {args.teacher}: no such file")
@@ -273,6 +327,15 @@ def ensure_teacher(args):
     path = teacher_cache_path(args)
     if os.path.isfile(path):
         print(f"teacher: cached at {path}", flush=True)
+        return path
+    meta = shipped_teacher(args)
+    if meta is not None:
+        install_shipped_teacher(meta, path)
+        stats = meta.get("recorded", {})
+        print(f"teacher: the one shipped in methods/teachers/{meta['file']} (AP "
+              f"{stats.get('AP', float('nan')):.3f}, AP50 {stats.get('AP50', float('nan')):.3f} "
+              f"when it was trained; trained with: {meta['command']}), cached at {path}",
+              flush=True)
         return path
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         raise ValueError(f"no cached teacher at {path}: run the same command once without "
