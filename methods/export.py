@@ -37,7 +37,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ops  # noqa: E402
-from common.data import SYNTH_PRESETS, synthetic_image  # noqa: E402
+from common.synthetic import SYNTH_PRESETS, synthetic_image  # noqa: E402
 from common.engine import main_guard  # noqa: E402
 from predict import load_for_inference, read_image, val_transform  # noqa: E402
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from common import ops
-from common.data import SYNTH_PRESETS, make_transforms, synthetic_image
+from common.data import make_transforms
+from common.synthetic import SYNTH_PRESETS, synthetic_image
 from common.detr import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
