@@ -131,7 +131,15 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         attention_weights:  (B, Q, H, L, P), normally softmaxed over L * P.
     Returns:
         (B, Q, H * Dh): sum over levels and points of weight x bilinear sample, exactly
-        ``F.grid_sample(align_corners=False, padding_mode='zeros')`` semantics.
+        ``F.grid_sample(align_corners=False, padding_mode='zeros')`` semantics, NaN included:
+        a NaN or infinite sampling location makes its query-head's output NaN (and its
+        gradients those of grid_sample on the CPU), a NaN attention weight or value cell
+        propagates; huge finite locations are outside the map and sample zero.
+
+    spatial_shapes must hold positive sizes that add up to S (checked in exact integers, so
+    sizes whose product overflows int64 are refused) and level_start_index their exclusive
+    cumulative sum: ValueError otherwise. (A table on the GPU is not checked, as that would
+    wait for the device; the CUDA kernels skip any level that does not fit inside value.)
 
     value, locations and weights share one dtype (fp32/fp64 on CPU; fp32/fp16/bf16, and fp64, on
     CUDA, with fp16/bf16 accumulated in fp32) and are differentiable. The extension's backward
@@ -161,17 +169,13 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                         f"{attention_weights.dtype}")
     _check_same_device(value=value, sampling_locations=sampling_locations,
                        attention_weights=attention_weights)
-    if spatial_shapes.device.type == "cpu":  # checking device-resident shapes would sync
-        hw = spatial_shapes.prod(1)
-        if int(hw.sum()) != S:
-            raise ValueError(f"value has S={S} rows but spatial_shapes {spatial_shapes.tolist()} "
-                             f"sum to {int(hw.sum())}")
-        if level_start_index.device.type == "cpu" and not torch.equal(
-                level_start_index, torch.cumsum(hw, 0) - hw):
-            raise ValueError(f"level_start_index {level_start_index.tolist()} is not the "
-                             f"exclusive cumulative sum of H*W of spatial_shapes")
-
     ext = _ext_for(value.device)
+    # Checking a level table that lives on the GPU would sync; the fallback reads it anyway, and
+    # the CUDA kernels skip any level whose rows do not lie inside value's S rows.
+    if spatial_shapes.device.type == "cpu" or ext is None:
+        _check_level_table(spatial_shapes, level_start_index, S,
+                           check_starts=level_start_index.device.type == "cpu" or ext is None)
+
     if ext is None:
         return ms_deform_attn_fallback(value, spatial_shapes, sampling_locations,
                                        attention_weights)
@@ -181,6 +185,28 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         value.contiguous(), spatial_shapes.to(value.device).contiguous(),
         level_start_index.to(value.device).contiguous(), sampling_locations.contiguous(),
         attention_weights.contiguous())
+
+
+def _check_level_table(spatial_shapes, level_start_index, S, check_starts=True):
+    """Every level must be a non-empty H x W map, the levels must fill value's S rows exactly, and
+    level_start_index must be the exclusive cumulative sum of H * W. In Python integers, which
+    do not overflow: (2^32, 2^32) has 2^64 cells, not the 0 that int64 arithmetic wraps it to."""
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist() if check_starts else None
+    rows = 0  # cells of the levels so far
+    for lvl, (h, w) in enumerate(shapes):
+        if h < 1 or w < 1:
+            raise ValueError(f"spatial_shapes[{lvl}] must be a positive (H, W), got ({h}, {w})")
+        if starts is not None and starts[lvl] != rows:
+            raise ValueError(f"level_start_index {starts} is not the exclusive cumulative sum of "
+                             f"H*W of spatial_shapes {shapes}: entry {lvl} must be {rows}")
+        rows += h * w
+        if rows > S:
+            raise ValueError(f"value has S={S} rows but spatial_shapes {shapes} need more: "
+                             f"levels 0..{lvl} alone have {rows} cells (H*W = {h * w} for "
+                             f"level {lvl})")
+    if rows != S:
+        raise ValueError(f"value has S={S} rows but spatial_shapes {shapes} sum to {rows}")
 
 
 class _MSDeformAttnFunction(torch.autograd.Function):
@@ -223,7 +249,12 @@ def ms_deform_attn_fallback(value, spatial_shapes, sampling_locations, attention
     # (B, Q, H, L, P) -> (B*H, 1, Q, L*P)
     weights = attention_weights.transpose(1, 2).reshape(B * H, 1, Q, L * P)
     out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # (B*H, Dh, Q)
-    return out.view(B, H * Dh, Q).transpose(1, 2).contiguous()
+    out = out.view(B, H * Dh, Q).transpose(1, 2)  # (B, Q, H * Dh)
+    # A NaN or infinite location samples NaN in grid_sample on the CPU; CUDA's grid_sample gives
+    # 0 for an infinite one. 0, or NaN for such a location, added to its query-head's output
+    # (outside autograd, so the gradients stay grid_sample's) makes both devices give NaN.
+    poison = (sampling_locations - sampling_locations).detach().sum((-3, -2, -1))  # (B, Q, H)
+    return (out.reshape(B, Q, H, Dh) + poison[..., None]).view(B, Q, H * Dh)
 
 
 # ------------------------------------------------------------------------------------------
@@ -234,8 +265,9 @@ def pairwise_giou(boxes1, boxes2, return_iou=False):
     """Generalized IoU (Rezatofighi et al., CVPR 2019) of every pair of xyxy boxes.
 
     boxes1 (N, 4) and boxes2 (M, 4) -> (N, M); or batched (B, N, 4), (B, M, 4) -> (B, N, M).
-    With ``return_iou`` returns (giou, iou). Zero-size boxes give finite values (IoU 0). The
-    result is float32 for half inputs (computed in fp32), else the input dtype.
+    With ``return_iou`` returns (giou, iou). Zero-size boxes give finite values (IoU 0); a box
+    with a NaN coordinate gives NaN against every box. The result is float32 for half inputs
+    (computed in fp32), else the input dtype.
     """
     _check_tensor("boxes1", boxes1, ndim=(2, 3), last=4, floating=True)
     _check_tensor("boxes2", boxes2, ndim=(2, 3), last=4, floating=True)
@@ -329,7 +361,9 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
     reference DETR matcher; the focal cost needs only the T logits of the targets' classes, the
     softmax cost one logsumexp per query. Inputs: float32/float64 on CPU (float16/bfloat16 are
     converted to float32); float32/float16/bfloat16/float64 on CUDA (half computed in float32).
-    Mixed float dtypes are promoted to one. Zero-size boxes give finite costs.
+    Mixed float dtypes are promoted to one. Zero-size boxes give finite costs. NaN in a box or
+    in a logit the cost reads (the target's class for focal, any class for softmax) gives NaN
+    costs, which linear_sum_assignment refuses, rather than a finite cost that could be matched.
     On CPU, num_targets outside [0, T] and labels of real targets outside [0, C) raise
     ValueError. On CUDA they are not checked (that would need a device sync): such an image's
     block, or such a target's column, is NaN instead, which linear_sum_assignment reports.
