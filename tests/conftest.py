@@ -16,6 +16,7 @@ for _path in (ROOT, os.path.join(ROOT, "methods")):
         sys.path.insert(0, _path)
 
 import baseline  # noqa: E402  (methods/baseline.py)
+from common import ops  # noqa: E402
 
 
 def pytest_configure(config):
@@ -26,7 +27,6 @@ def pytest_configure(config):
 def _cuda_ready():
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
-    from common import ops
     if ops.backend("cuda") != "ext":
         return False, "the extension was built without CUDA kernels"
     return True, ""
