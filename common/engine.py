@@ -506,6 +506,9 @@ def backbone_weights_ready(args, info, dataset_train, dataset_val):
                          "weights file for a ResNet")
     width = overrides.get("width", cfg.width)
     root = args.data_cache or default_cache_dir()
+    # pretraining now draws random numbers that reading the cached file does not: put the RNG
+    # back, so a run is the same whether the backbone was cached before it or not
+    rng = get_rng_state()
     if info.is_main:
         try:
             path = ensure_crop_pretrained(dataset_train, dataset_val, width, root)
@@ -514,6 +517,7 @@ def backbone_weights_ready(args, info, dataset_train, dataset_val):
     else:
         barrier()
         path = ensure_crop_pretrained(dataset_train, dataset_val, width, root, verbose=False)
+    set_rng_state(rng)
     overrides["backbone_weights"] = path
     return overrides
 

@@ -4,9 +4,11 @@ another model, and two gloo processes equal to one process with the doubled batc
 (The same engine runs the real detectors; methods' one-step runs exercise that path.)"""
 import argparse
 import os
+import random
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -274,3 +276,23 @@ def test_resume_under_two_gloo_processes_is_exact(tmp_path):
     keep = lambda log: [{k: v for k, v in x.items() if "time" not in k and "mem" not in k}  # noqa
                         for x in log]
     assert keep(a["log"]) == keep(b["log"])
+
+
+def test_crop_pretraining_leaves_the_random_streams_as_they_were(tmp_path):
+    """A run draws the same random numbers whether the tiny backbone was pretrained by this
+    process or read from the cache (the pretraining used to consume the seeded streams)."""
+    from types import SimpleNamespace
+    from common.data import build_dataset
+    args = SimpleNamespace(data="synthetic", data_cache=str(tmp_path), synth="easy",
+                           synth_num_train=3, synth_num_val=2, variant="deformable_detr",
+                           model_overrides={"backbone": "tiny", "width": 4,
+                                            "backbone_weights": "crops"})
+    train, val = build_dataset("train", args), build_dataset("val", args)
+    draws = []
+    for _ in range(2):  # the first call pretrains, the second reads the cached file
+        engine.seed_everything(5)
+        engine.backbone_weights_ready(args, DistInfo(), train, val)
+        draws.append((torch.rand(4), np.random.rand(4), random.random()))
+    assert len(list((tmp_path / "backbones").glob("*.pth"))) == 1
+    assert torch.equal(draws[0][0], draws[1][0])
+    assert np.array_equal(draws[0][1], draws[1][1]) and draws[0][2] == draws[1][2]
