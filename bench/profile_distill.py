@@ -86,7 +86,8 @@ class Timers:
             self.calls[(id(obj), name)] += 1
             t0 = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                with torch.profiler.record_function(part):  # named in --top-ops tables
+                    return original(*args, **kwargs)
             finally:
                 self.now[part] += time.perf_counter() - t0
         setattr(obj, name, timed)
@@ -108,7 +109,7 @@ def batch_of(dataset, size):
     return collate([dataset[i] for i in range(size)])
 
 
-def profile(name, distiller, batch, iters, timers):
+def profile(name, distiller, batch, iters, timers, top_ops=0):
     images, masks, targets = batch
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
@@ -139,6 +140,12 @@ def profile(name, distiller, batch, iters, timers):
         part["backward"], part["step"], part["iteration"] = t_bwd - t_fwd, t_end - t_bwd, t_end - t0
         if it > 0:
             rows.append(part)
+    if top_ops:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            losses = distiller(images, masks, targets)
+            sum(v * weights[k] for k, v in losses.items() if k in weights).backward()
+        print(f"{name}: top {top_ops} ops of one iteration by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top_ops))
     return {k: statistics.median(r.get(k, 0.0) for r in rows) * 1e3
             for k in PARTS + ("iteration",)}
 
@@ -152,6 +159,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     parser.add_argument("--teacher", default=None,
                         help="a cpu-teacher checkpoint of ours (default: random weights)")
+    parser.add_argument("--top-ops", dest="top_ops", type=int, default=0,
+                        help="also print the K ops with the most self CPU time of one "
+                             "iteration of each method (torch.profiler)")
     parser.add_argument("--data-cache", dest="data_cache", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -166,7 +176,6 @@ def main(argv=None):
           f"cpu-student; median of {args.iters} iterations after a warm-up (ms)")
     header = f"{'method':14s} " + " ".join(f"{p:>13s}" for p in PARTS) + \
         f" {'iteration':>10s} {'x baseline':>10s} {'method terms':>13s}"
-    print(header)
 
     def student():
         torch.manual_seed(1)
@@ -175,17 +184,18 @@ def main(argv=None):
     results = {}
     timers = Timers()
     base = baseline.Detector(s := student(), build_criterion(s, C))
-    results["baseline"] = profile("baseline", base, batch, args.iters, timers)
+    results["baseline"] = profile("baseline", base, batch, args.iters, timers, args.top_ops)
     b_iter = results["baseline"]["iteration"]
     teacher = load_detector(args.teacher, C) if args.teacher else preset_model("cpu-teacher", C)
     freeze(teacher)
     for name in args.methods:
         torch.manual_seed(2)
         results[name] = profile(name, METHODS[name](teacher, student(), C), batch, args.iters,
-                                timers)
+                                timers, args.top_ops)
         # a fresh teacher wrapper each time: undo this method's timers on the shared teacher
         for attr in ("encode", "decode"):
             teacher.__dict__.pop(attr, None)
+    print(header)
     for name, r in results.items():
         terms = r["iteration"] - r["teacher fwd"] - b_iter
         line = f"{name:14s} " + " ".join(f"{r[p]:13.1f}" for p in PARTS) + \
