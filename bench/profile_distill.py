@@ -97,9 +97,10 @@ def instrument(distiller, timers):
     timers.wrap(distiller.student, "encode", lambda a, k, i: "student fwd")
     timers.wrap(distiller.student, "decode", lambda a, k, i: "student extra" if (
         k.get("queries") is not None or len(a) > 1) else "student fwd")
-    if getattr(distiller, "teacher", None) is not None:
-        timers.wrap(distiller.teacher, "encode", lambda a, k, i: "teacher fwd")
-        timers.wrap(distiller.teacher, "decode", lambda a, k, i: "teacher fwd")
+    teacher = getattr(distiller, "teacher", None)
+    if teacher is not None and "encode" not in vars(teacher):  # the shared teacher: once
+        timers.wrap(teacher, "encode", lambda a, k, i: "teacher fwd")
+        timers.wrap(teacher, "decode", lambda a, k, i: "teacher fwd")
     criteria = [m for m in distiller.children() if isinstance(m, SetCriterion)]
     for c in criteria[:1]:
         timers.wrap(c, "forward", lambda a, k, i: "det. loss" if i == 0 else "KD terms fwd")
@@ -109,45 +110,49 @@ def batch_of(dataset, size):
     return collate([dataset[i] for i in range(size)])
 
 
-def profile(name, distiller, batch, iters, timers, top_ops=0):
-    images, masks, targets = batch
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-    weights = distiller.weight_dict if hasattr(distiller, "weight_dict") else \
-        distiller.criterion.weight_dict
-    instrument(distiller, timers)
-    distiller.train()
-    if getattr(distiller, "teacher", None) is not None:
-        distiller.teacher.eval()
-    rows = []
-    for it in range(iters + 1):  # the first is a warm-up
-        timers.reset()
+class Runner:
+    """One method's training iteration on a fixed batch, timed part by part."""
+
+    def __init__(self, distiller, batch, timers):
+        self.distiller, self.batch, self.timers = distiller, batch, timers
+        self.params = [p for p in distiller.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-4)
+        self.weights = distiller.weight_dict if hasattr(distiller, "weight_dict") else \
+            distiller.criterion.weight_dict
+        instrument(distiller, timers)
+        distiller.train()
+        if getattr(distiller, "teacher", None) is not None:
+            distiller.teacher.eval()
+
+    def loss(self):
+        losses = self.distiller(*self.batch)
+        return sum(v * self.weights[k] for k, v in losses.items() if k in self.weights)
+
+    def step(self):
+        """One iteration -> {part: seconds}."""
+        self.timers.reset()
         t0 = time.perf_counter()
-        losses = distiller(images, masks, targets)
+        loss = self.loss()
         t_fwd = time.perf_counter()
-        loss = sum(v * weights[k] for k, v in losses.items() if k in weights)
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t_bwd = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, 0.1)
-        optimizer.step()
+        torch.nn.utils.clip_grad_norm_(self.params, 0.1)
+        self.optimizer.step()
         t_end = time.perf_counter()
-        part = dict(timers.now)
-        forward = t_fwd - t0
-        part["KD terms fwd"] = part.get("KD terms fwd", 0.0) + forward - sum(
+        part = dict(self.timers.now)
+        # the forward's remainder, outside every wrapped call, belongs to the method's terms
+        part["KD terms fwd"] = part.get("KD terms fwd", 0.0) + (t_fwd - t0) - sum(
             part.get(p, 0.0) for p in ("teacher fwd", "student fwd", "student extra", "det. loss",
                                        "KD terms fwd"))
         part["backward"], part["step"], part["iteration"] = t_bwd - t_fwd, t_end - t_bwd, t_end - t0
-        if it > 0:
-            rows.append(part)
-    if top_ops:
+        return part
+
+    def top_ops(self, name, k):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            losses = distiller(images, masks, targets)
-            sum(v * weights[k] for k, v in losses.items() if k in weights).backward()
-        print(f"{name}: top {top_ops} ops of one iteration by self CPU time")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top_ops))
-    return {k: statistics.median(r.get(k, 0.0) for r in rows) * 1e3
-            for k in PARTS + ("iteration",)}
+            self.loss().backward()
+        print(f"{name}: top {k} ops of one iteration by self CPU time")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=k))
 
 
 def main(argv=None):
@@ -181,20 +186,28 @@ def main(argv=None):
         torch.manual_seed(1)
         return preset_model("cpu-student", C)
 
-    results = {}
     timers = Timers()
-    base = baseline.Detector(s := student(), build_criterion(s, C))
-    results["baseline"] = profile("baseline", base, batch, args.iters, timers, args.top_ops)
-    b_iter = results["baseline"]["iteration"]
+    runners = {"baseline": Runner(baseline.Detector(s := student(), build_criterion(s, C)),
+                                  batch, timers)}
     teacher = load_detector(args.teacher, C) if args.teacher else preset_model("cpu-teacher", C)
     freeze(teacher)
     for name in args.methods:
         torch.manual_seed(2)
-        results[name] = profile(name, METHODS[name](teacher, student(), C), batch, args.iters,
-                                timers, args.top_ops)
-        # a fresh teacher wrapper each time: undo this method's timers on the shared teacher
-        for attr in ("encode", "decode"):
-            teacher.__dict__.pop(attr, None)
+        runners[name] = Runner(METHODS[name](teacher, student(), C), batch, timers)
+    # round robin, one iteration of each method in turn, so that a change in the machine's
+    # load during the run affects every method alike; the first round is a warm-up
+    rows = {name: [] for name in runners}
+    for it in range(args.iters + 1):
+        for name, runner in runners.items():
+            part = runner.step()
+            if it > 0:
+                rows[name].append(part)
+    results = {name: {k: statistics.median(r.get(k, 0.0) for r in rs) * 1e3
+                      for k in PARTS + ("iteration",)} for name, rs in rows.items()}
+    b_iter = results["baseline"]["iteration"]
+    if args.top_ops:
+        for name, runner in runners.items():
+            runner.top_ops(name, args.top_ops)
     print(header)
     for name, r in results.items():
         terms = r["iteration"] - r["teacher fwd"] - b_iter
