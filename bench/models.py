@@ -20,7 +20,10 @@ Columns:
              analytically: 5 multiply-adds (4 bilinear corners + the attention weight) = 10 FLOPs
              per batch x query x head x head-channel x level x point; the sampling-weight
              arithmetic per point is left out. Norms, softmax and elementwise ops are not counted
-             (FlopCounterMode counts matrix products and convolutions).
+             (FlopCounterMode counts matrix products and convolutions). FLOPs = 2 x
+             multiply-adds: the GFLOPs the DETR papers quote (fvcore) count multiply-adds, so
+             halve these to compare (DETR-R50 at 800x1333: 196 here, 86 in its paper, whose
+             count leaves out attention).
     eager / exported   median latency (ms) of ``model(images, masks)`` under no_grad, batch 1
              and batch 8 (``--batch-sizes``), after one warm-up call; "exported" is the
              torch.export program (methods/export.py, the extension's kernels through the
@@ -130,8 +133,8 @@ def inference_table(args):
     for group, size in sizes.items():
         if group in groups:
             print(f"{group}: images {size[0]}x{size[1]}, GFLOPs per image at that size")
-    head = f"{'model':32s} {'role':8s} {'backbone':9s} {'params':>7s} {'GFLOPs':>7s}"
-    for b in args.batch_sizes:
+    head = f"{'model':36s} {'role':8s} {'backbone':9s} {'params':>7s} {'GFLOPs':>7s}"
+    for b in args.batch_sizes if args.latency else ():
         head += f" {'eager b' + str(b):>11s} {'export b' + str(b):>11s}"
     print(head + "   (latency in ms)")
     rows = {}
@@ -141,9 +144,9 @@ def inference_table(args):
         height, width = sizes[group]
         params = sum(p.numel() for p in model.parameters()) / 1e6
         gflops = count_gflops(model, height, width)
-        line = f"{pair:32s} {role:8s} {model.cfg.backbone:9s} {params:6.2f}M {gflops:7.2f}"
+        line = f"{pair:36s} {role:8s} {model.cfg.backbone:9s} {params:6.2f}M {gflops:7.2f}"
         times = {}
-        for b in args.batch_sizes:
+        for b in args.batch_sizes if args.latency else ():
             eager, exp = latency(model, b, height, width, args.reps, group in exported_groups)
             times[b] = (eager, exp)
             line += f" {eager:11.1f} {exp:11.1f}" if exp is not None else f" {eager:11.1f} {'-':>11s}"
@@ -154,8 +157,8 @@ def inference_table(args):
         if role != "student" or (group, pair, "teacher") not in rows:
             continue
         t_params, t_gflops, t_times = rows[(group, pair, "teacher")]
-        speed = ", ".join(f"b{b} {t_times[b][0] / times[b][0]:.2f}x" for b in times)
-        print(f"  {pair:32s} params {t_params / params:.2f}x, GFLOPs {t_gflops / gflops:.2f}x, "
+        speed = ", ".join(f"b{b} {t_times[b][0] / times[b][0]:.2f}x" for b in times) or "-"
+        print(f"  {pair:36s} params {t_params / params:.2f}x, GFLOPs {t_gflops / gflops:.2f}x, "
               f"latency {speed}")
 
 
@@ -225,6 +228,8 @@ def main(argv=None):
                         metavar=("H", "W"), help="image size of the paper-sized models")
     parser.add_argument("--exported", choices=["all", "cpu", "none"], default="all",
                         help="which groups are also timed as torch.export programs")
+    parser.add_argument("--no-latency", dest="latency", action="store_false",
+                        help="parameters and GFLOPs only (no timing)")
     parser.add_argument("--train-step", dest="train_step", action="store_true",
                         help="instead: forward + backward time of one training step per variant")
     args = parser.parse_args(argv)

@@ -146,7 +146,8 @@ def main(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth of this project")
     parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--output", required=True, help="the file to write")
+    parser.add_argument("--output", required=True,
+                        help="the file to write (torch.export files end in .pt2)")
     parser.add_argument("--height", type=int, default=None,
                         help="input height (default: the validation transform's longest side)")
     parser.add_argument("--width", type=int, default=None, help="input width (likewise)")
