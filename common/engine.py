@@ -320,13 +320,14 @@ def fp32(x):
 
 def fit(module, optimizer, lr_scheduler, train_loader, *, args, dist_info, evaluate_fn=None,
         output_dir=None, start_epoch=0, epochs=1, clip_max_norm=0.1, amp=False, max_iters=None,
-        print_every=10, verbose=True, history=(), save_every=0):
+        print_every=10, verbose=True, history=(), save_every=0, meta=None):
     """Train epochs [start_epoch, epochs); after each: evaluate, then (see the top of this file)
     the kept copy when due, ``checkpoint.pth`` and ``log.txt``. ``evaluate_fn(student) -> dict``
     returns the COCO stats (or None). ``history``: the log lines of the epochs before
     ``start_epoch`` (a resumed checkpoint's "log" entry). Kept copies ``checkpointNNNN.pth``:
     after epoch NNNN when the lr drops after it (DETR's convention) and, with ``save_every``
-    N > 0, after every N-th epoch."""
+    N > 0, after every N-th epoch. ``meta``: more top-level checkpoint entries (e.g. the data
+    set's "categories", which methods/predict.py names its detections with)."""
     n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if verbose and dist_info.is_main:
         print(f"trainable parameters: {n_params:,}; total batch size "
@@ -356,7 +357,7 @@ def fit(module, optimizer, lr_scheduler, train_loader, *, args, dist_info, evalu
                     **trainable_state(module), "optimizer": optimizer.state_dict(),
                     "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch,
                     "args": dict(vars(args)) if args is not None else {}, "rng": rng,
-                    "log": log}, keep)
+                    "log": log, **(meta or {})}, keep)
     return stats
 
 
@@ -666,9 +667,29 @@ class Run:
     def device(self):
         return self.info.device
 
+    @property
+    def categories(self):
+        """The data set's categories in label order, [{"id", "name"}]: saved in checkpoints so
+        that a detector's labels can be named without the annotation file."""
+        cats = self.dataset_train.coco.cats
+        return [{"id": int(c), "name": cats[c]["name"]} for c in self.dataset_train.label_to_category]
+
     def evaluate(self, model):
         return evaluate(model, build_postprocess(model), self.val_loader, self.evaluator,
                         self.device, amp=self.args.amp, max_iters=self.args.max_iters)
+
+    def report(self, name="val"):
+        """After an evaluation: COCOeval's full table and the per-class AP on the main
+        process, and the detections as COCO results JSON in ``--output-dir``
+        (``detections_<name>.json``; every process takes part in gathering them)."""
+        if self.info.is_main:
+            print(self.evaluator.summary_table(), flush=True)
+            print("per-class AP:\n" + self.evaluator.per_class_table(), flush=True)
+        if self.args.output_dir:
+            path = os.path.join(self.args.output_dir, f"detections_{name}.json")
+            n = self.evaluator.write_detections(path)
+            if self.info.is_main:
+                print(f"detections: {n} written to {path}", flush=True)
 
 
 def prepare(args) -> Run:
@@ -731,6 +752,7 @@ def train(run: Run, module: torch.nn.Module) -> dict:
             ckpt = {"model": ckpt}
         load_trainable_state(module, ckpt, f"checkpoint {args.resume}", strict_extra=False)
         stats = run.evaluate(student)
+        run.report()
         if info.is_main:
             print("eval: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()), flush=True)
         return stats
@@ -755,7 +777,10 @@ def train(run: Run, module: torch.nn.Module) -> dict:
                 evaluate_fn=run.evaluate, output_dir=args.output_dir, start_epoch=start_epoch,
                 epochs=args.epochs, clip_max_norm=args.clip_max_norm, amp=args.amp,
                 max_iters=args.max_iters, print_every=args.print_every, history=history,
-                save_every=getattr(args, "save_every", 0))
+                save_every=getattr(args, "save_every", 0),
+                meta={"categories": run.categories})
+    if stats and "test_AP" in stats:
+        run.report()                               # the last epoch's evaluation
     if info.is_main and stats:
         print("final: " + " ".join(f"{k} {v:.4f}" for k, v in stats.items()
                                    if k.startswith("test_")), flush=True)
