@@ -35,7 +35,6 @@ rewrites from the checkpoint. Temporary files of dead processes (``.NAME.tmp-PID
 when the next run starts in the folder.
 """
 import datetime
-import errno
 import json
 import os
 import random
@@ -289,9 +288,11 @@ def peak_memory_mb(device):
 
 
 @torch.no_grad()
-def evaluate(model, postprocess, loader, evaluator, device, *, amp=False, max_iters=None):
+def evaluate(model, postprocess, loader, evaluator, device, *, amp=False, max_iters=None,
+             lr=None):
     """COCO evaluation of ``model`` over ``loader``: post-processed detections of every process
-    are gathered by ``evaluator`` (common.evaluate.CocoEvaluator) and scored with COCOeval."""
+    are gathered by ``evaluator`` (common.evaluate.CocoEvaluator) and scored with COCOeval.
+    Non-finite predictions (a model that diverged) are a FloatingPointError naming ``lr``."""
     model.eval()
     evaluator.reset()
     for it, (images, masks, targets) in enumerate(loader):
@@ -302,7 +303,13 @@ def evaluate(model, postprocess, loader, evaluator, device, *, amp=False, max_it
                             enabled=amp and device.type == "cuda"):
             outputs = model(images, masks)
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
-        evaluator.update(targets, postprocess(fp32(outputs), orig_sizes))
+        results = postprocess(fp32(outputs), orig_sizes)
+        if not all(bool(torch.isfinite(r[k]).all()) for r in results for k in ("scores", "boxes")
+                   if k in r):
+            raise FloatingPointError(
+                "evaluation: the model's predictions are not finite: the model diverged"
+                + (f"; the lr is {lr:g}: lower --lr" if lr is not None else ""))
+        evaluator.update(targets, results)
     return evaluator.summarize(verbose=False)
 
 
@@ -401,8 +408,7 @@ def _write_failed(path, e):
                f"MiB free on that disk"
     except OSError:
         free = ""
-    return OSError(getattr(root, "errno", None) or errno.EIO,
-                   f"could not write {path}: {reason}{free}; the previous file is intact")
+    return OSError(f"could not write {path}: {reason}{free}; the previous file is intact")
 
 
 def write_checkpoint(state, path):
@@ -576,8 +582,7 @@ def prepare_output_dir(args, info: DistInfo = None):
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise OSError(e.errno, f"--output-dir {out} is not writable: {e.strerror or e}") \
-            from None
+        raise OSError(f"--output-dir {out} is not writable: {e.strerror or e}") from None
     finally:
         if os.path.exists(probe):
             os.remove(probe)
@@ -676,7 +681,8 @@ class Run:
 
     def evaluate(self, model):
         return evaluate(model, build_postprocess(model), self.val_loader, self.evaluator,
-                        self.device, amp=self.args.amp, max_iters=self.args.max_iters)
+                        self.device, amp=self.args.amp, max_iters=self.args.max_iters,
+                        lr=None if self.args.eval else self.args.lr)
 
     def report(self, name="val"):
         """After an evaluation: COCOeval's full table and the per-class AP on the main

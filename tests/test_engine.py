@@ -246,10 +246,10 @@ def _resume_worker(rank, world, port, out, epochs, resume):
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     info = init_distributed("cpu")
-    engine.seed_everything(5, info.rank)
-    if resume:
+    module, opt, sched = build(0, dropout=0.3)            # the same initial model on each rank
+    engine.seed_everything(5, info.rank)                  # then each rank's own stream: the
+    if resume:                                            # dropout and flips differ by rank
         torch.manual_seed(1000 + rank)                    # a new process: whatever RNG state
-    module, opt, sched = build(0, dropout=0.3)            # dropout and the flips draw per rank
     start, history = 0, []
     if resume:
         ckpt = read_checkpoint(os.path.join(out, "checkpoint.pth"))
