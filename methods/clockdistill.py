@@ -350,7 +350,7 @@ def teacher_layers(num_student, num_teacher):
 
 
 def reference_form(model):
-    """How ``model`` takes a target-aware reference [recon] (spec C2.1 table, per model): 4 = the
+    """How ``model`` takes a target-aware reference [recon] (C2.1, per model): 4 = the
     whole GT box (the 4-D anchors of DAB-DETR and DINO; Deformable DETR with box refinement or
     two-stage), 2 = its centre (Deformable DETR without them, Conditional DETR). Chosen for each
     model on its own, as G-DetKD's RoI queries are, so a plain Deformable student gets points
@@ -456,7 +456,7 @@ class CLoCKDistiller(nn.Module):
                       prototype=cfg.query_builder == "prototype", label_weight=label_w)
             self.builder_t = TargetQueryBuilder(D=Dt, **kw)
             # equal widths: the very same content and positional tensors go to both decoders
-            # (spec C2.1); the reference is cut to each model's form (box or centre)
+            # (C2.1); the reference is cut to each model's form (box or centre)
             self.builder_s = self.builder_t if Ds == Dt else TargetQueryBuilder(D=Ds, **kw)
             n = cfg.extra_random_queries  # fixed random (label, box) points [proto][recon]
             self.register_buffer("extra_labels", torch.randint(0, num_classes, (n,)))

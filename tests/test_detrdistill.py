@@ -652,10 +652,13 @@ def test_paper_hmld_two_matchings_against_scipy():
     want = [0.0, 0.0, 0.0]
     for part in (0, 1):
         rows = [(b, int(i), int(j)) for b, m in enumerate(matched) for i, j in zip(*m[part])]
+        n = len(rows)
         for b, i, j in rows:
-            want[0] += float(F.binary_cross_entropy_with_logits(z[b, i], p[b, j], reduction="sum")) / len(rows)
-            want[1] += float((bs[b, i] - bt[b, j]).abs().sum()) / len(rows)
-            want[2] += float(1 - tvops.generalized_box_iou(xyxy(bs[b, i])[None], xyxy(bt[b, j])[None])) / len(rows)
+            bce = F.binary_cross_entropy_with_logits(z[b, i], p[b, j], reduction="sum")
+            giou = tvops.generalized_box_iou(xyxy(bs[b, i])[None], xyxy(bt[b, j])[None])
+            want[0] += float(bce) / n
+            want[1] += float((bs[b, i] - bt[b, j]).abs().sum()) / n
+            want[2] += float(1 - giou) / n
     for got, w in zip((cls_, l1, gi), want):
         assert math.isclose(float(got), w, rel_tol=1e-9)
 
