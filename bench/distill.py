@@ -69,7 +69,9 @@ def run_one(label, method, extra, seed, teacher, args):
         print(f"[{label} seed {seed}] {shown}", flush=True)
         t0 = time.time()
         with open(os.path.join(out, "stdout.txt"), "w") as f:
-            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+            # --overwrite: a rerun replaces the folder's previous run (kept copies included)
+            proc = subprocess.run(cmd + ["--overwrite"], stdout=f, stderr=subprocess.STDOUT,
+                                  cwd=ROOT)
         if proc.returncode != 0:
             raise RuntimeError(f"[{label} seed {seed}] failed (exit {proc.returncode}); see "
                                f"{os.path.join(out, 'stdout.txt')}")

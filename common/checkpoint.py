@@ -268,6 +268,11 @@ def read_checkpoint(path: str, allow_unsafe_pickle: bool = False) -> dict:
         raise FileNotFoundError(f"checkpoint: no such file {path!r}")
     if os.path.getsize(path) == 0:
         raise ValueError(f"checkpoint {path!r} is empty (0 bytes): was its save interrupted?")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch's zip format, or legacy pickle
+        raise ValueError(f"checkpoint {path!r} cannot be read: it is damaged or not a torch "
+                         f"checkpoint (it starts with {head!r})")
 
     def load(**kw):
         try:
@@ -286,6 +291,9 @@ def read_checkpoint(path: str, allow_unsafe_pickle: bool = False) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return load(weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported operand" in str(e):  # not a refused class: bytes that are no pickle
+            raise ValueError(f"checkpoint {path!r} cannot be read: it is truncated or damaged "
+                             f"(its pickled data is not valid)") from e
         if not allow_unsafe_pickle:
             raise ValueError(
                 f"checkpoint {path!r} pickles objects that torch.load(weights_only=True) refuses "

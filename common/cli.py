@@ -10,7 +10,7 @@ comes, in this order of precedence, from:
    ``--preset`` runs its headline recipe; ``--recipe none`` turns that off;
 3. the CPU preset (``--preset``): on the embedded data a method script without model flags
    uses ``cpu-student``; on real data a preset applies only when named;
-4. the variant's official default (common/detr.py).
+4. the variant's official default (common/config.py).
 
 torchvision ResNets start from their ImageNet weights (torchvision's cache only, never a
 download; ``--no-pretrained`` for random weights, ``--backbone-weights PATH`` for a file).
@@ -19,6 +19,7 @@ The resolved settings, with where each one came from, are printed at start and k
 engine.prepare writes them to ``settings.json`` beside ``log.txt``.
 """
 import argparse
+import math
 import os
 import warnings
 
@@ -125,7 +126,16 @@ def add_train_args(parser):
     g = parser.add_argument_group("training")
     g.add_argument("--output-dir", "--output_dir", dest="output_dir", default=None,
                    help="checkpoint.pth and log.txt go here")
-    g.add_argument("--resume", default=None, help="continue from this checkpoint.pth")
+    g.add_argument("--resume", default=None,
+                   help="continue from this checkpoint.pth (the flags given now win over the "
+                        "ones it was trained with; a changed --lr or --lr-drop is applied "
+                        "from the next epoch on, with the lr drops already taken)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output-dir that holds another run (its "
+                        "checkpoints and log.txt are deleted first)")
+    g.add_argument("--save-every", "--save_every", dest="save_every", type=int, default=0,
+                   help="also keep checkpointNNNN.pth every N epochs (0: only the copies "
+                        "kept before each lr drop)")
     g.add_argument("--eval", action="store_true", help="evaluate --resume's model only")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -145,6 +155,10 @@ def add_train_args(parser):
     g.add_argument("--max-iters", dest="max_iters", type=int, default=None,
                    help="stop each epoch (and evaluation) after this many iterations (smoke runs)")
     g.add_argument("--print-every", dest="print_every", type=int, default=10)
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard: every loss "
+                        "and KD term, its weight and lr per iteration, AP per epoch (needs the "
+                        "tensorboard package)")
     return parser
 
 
@@ -333,6 +347,7 @@ def resolve(args, default_variant="deformable_detr", announce=True):
     sources.setdefault("backbone_init", sources.get("pretrained", sources.get(
         "backbone_weights", sources.get("backbone", "default"))))
     args.sources = sources
+    validate(args)
     if announce:
         announce_settings(args)
     return args, overrides
@@ -453,3 +468,74 @@ def format_recipes(method=None):
             out.append(f"  {'note':9s} {r.note}")
         out.append("")
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation of every flag, before anything is loaded or trained
+# ------------------------------------------------------------------------------------------
+
+# model settings that must be >= 1 (enc_layers may be 0: the decoder then reads the features)
+_AT_LEAST_ONE = ("width", "hidden_dim", "nheads", "dec_layers", "dim_feedforward",
+                 "num_queries", "num_feature_levels")
+_DATA_PATH_FLAGS = ("coco_path", "train_ann", "train_images", "val_ann", "val_images")
+
+
+def validate(args):
+    """Refuse a bad flag with one line that names it, before any data, model or checkpoint is
+    loaded (the setup itself, output folder, data files, checkpoints, is checked by
+    common.engine.prepare before the first iteration). Called at the end of ``resolve``."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    def need(ok, message):
+        if not ok:
+            raise ValueError(message)
+
+    for name in ("batch_size", "epochs", "lr_drop", "print_every"):
+        value = getattr(args, name, None)
+        need(value is None or value >= 1, f"{flag(name)} must be at least 1, got {value}")
+    for name in ("max_iters", "threads"):
+        value = getattr(args, name, None)
+        need(value is None or value >= 1,
+             f"{flag(name)} must be at least 1 when given, got {value}")
+    for name in ("num_workers", "save_every", "lr_backbone", "weight_decay", "clip_max_norm"):
+        value = getattr(args, name, None)
+        need(value is None or (value >= 0 and math.isfinite(value)),
+             f"{flag(name)} must be a finite number >= 0, got {value}")
+    lr = getattr(args, "lr", None)
+    need(lr is None or (lr > 0 and math.isfinite(lr)), f"--lr must be a finite number > 0, "
+                                                       f"got {lr}")
+
+    # the model: every setting as the model will be built (flags, preset, variant defaults)
+    cfg = CONFIGS[args.variant]()
+    model = {**{k: getattr(cfg, k) for k in MODEL_FLAGS if hasattr(cfg, k)},
+             **getattr(args, "model_overrides", {})}
+    for name in _AT_LEAST_ONE:
+        if name in model:
+            need(model[name] >= 1, f"{flag(name)} must be at least 1, got {model[name]}")
+    need(model.get("enc_layers", 0) >= 0,
+         f"--enc-layers must be 0 or more, got {model.get('enc_layers')}")
+    need(model.get("dn_number", 0) >= 0,
+         f"--dn-number must be 0 or more, got {model.get('dn_number')}")
+    need(0 <= model.get("dropout", 0.0) < 1,
+         f"--dropout must be in [0, 1), got {model.get('dropout')}")
+    need(model["hidden_dim"] % model["nheads"] == 0,
+         f"--hidden-dim {model['hidden_dim']} must be a multiple of --nheads {model['nheads']} "
+         f"(each head gets hidden_dim / nheads channels)")
+
+    # the data flags: a path given for another data set would be silently ignored
+    data = getattr(args, "data", "synthetic")
+    given = [flag(n) for n in _DATA_PATH_FLAGS if getattr(args, n, None) is not None]
+    need(data == "coco" or not given,
+         f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --data coco, but the "
+         f"data set is --data {data}: add --data coco to train on that folder")
+    for name in ("synth_num_train", "synth_num_val"):
+        value = getattr(args, name, None)
+        need(value is None or value >= 1, f"{flag(name)} must be at least 1, got {value}")
+    size, max_size = getattr(args, "image_size", None), getattr(args, "max_size", None)
+    need(size is None or size >= 8, f"--image-size must be at least 8 pixels, got {size}")
+    need(max_size is None or size is None or max_size >= size,
+         f"--max-size {max_size} must be at least --image-size {size}")
+    need(not (getattr(args, "overwrite", False) and getattr(args, "resume", None)
+              and not getattr(args, "eval", False)),
+         "--overwrite starts a new run and --resume continues one: give only one of them")

@@ -35,9 +35,10 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from common.box_ops import cxcywh_to_xyxy, scale_boxes
+from common.config import CONFIGS, variant_of
 from common.matcher import HungarianMatcher, _check_outputs, _check_targets
 
-__all__ = ["SetCriterion", "PostProcess", "VARIANT_LOSS_DEFAULTS", "build_criterion",
+__all__ = ["SetCriterion", "PostProcess", "build_criterion",
            "build_postprocess", "build_weight_dict", "num_boxes_across_processes"]
 
 LOSS_NAMES = ("loss_ce", "loss_bbox", "loss_giou")
@@ -309,60 +310,39 @@ class PostProcess(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
-# Per-variant defaults (specs/detr-family.md, table 3.2) and builders
+# Builders from a variant's config (common/config.py holds every per-variant default: the class
+# loss, the loss and matcher weights, focal alpha or eos_coef, the eval top-k). Shared by all
+# variants: focal gamma 2; auxiliary, "_enc" / interm and denoising weights = the main weights.
 # ------------------------------------------------------------------------------------------
 
-VARIANT_LOSS_DEFAULTS = {
-    #                   class loss, loss weights cls/L1/GIoU, matcher weights, eval top-k
-    "detr":             dict(class_loss="softmax", loss_ce=1.0, loss_bbox=5.0, loss_giou=2.0,
-                             cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, num_select=100),
-    "conditional_detr": dict(class_loss="focal", loss_ce=2.0, loss_bbox=5.0, loss_giou=2.0,
-                             cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, num_select=100),
-    "dab_detr":         dict(class_loss="focal", loss_ce=1.0, loss_bbox=5.0, loss_giou=2.0,
-                             cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, num_select=300),
-    "deformable_detr":  dict(class_loss="focal", loss_ce=2.0, loss_bbox=5.0, loss_giou=2.0,
-                             cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, num_select=100),
-    "dino":             dict(class_loss="focal", loss_ce=1.0, loss_bbox=5.0, loss_giou=2.0,
-                             cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, num_select=300),
-}
-# Shared by all: focal alpha 0.25, gamma 2; DETR's eos_coef 0.1; aux weights = main weights;
-# Deformable's "_enc" and DINO's interm weights = 1 x main weights; DINO's dn weights = main.
-
-
-def _variant_of(variant_or_cfg):
-    """(variant name, config or None) from a name, a model config dataclass of common.detr or a
-    model with ``variant`` and ``cfg`` attributes."""
+def _variant_and_config(variant_or_cfg):
+    """(variant name, config) from a name (its default config), a config of common.config or
+    a model with ``variant`` and ``cfg`` attributes."""
     if isinstance(variant_or_cfg, str):
-        variant, cfg = variant_or_cfg, None
-    elif hasattr(variant_or_cfg, "variant") and hasattr(variant_or_cfg, "cfg"):  # a DETRModel
-        variant, cfg = variant_or_cfg.variant, variant_or_cfg.cfg
-    else:
-        from common.detr import CONFIGS  # lazily: the losses do not need the models otherwise
-        variant = next((n for n, c in CONFIGS.items() if type(variant_or_cfg) is c), None)
-        cfg = variant_or_cfg
-        if variant is None:
-            raise TypeError(f"expected a variant name, a model config or a model, got "
-                            f"{type(variant_or_cfg).__name__}")
-    if variant not in VARIANT_LOSS_DEFAULTS:
-        raise ValueError(f"unknown variant {variant!r}; expected one of "
-                         f"{sorted(VARIANT_LOSS_DEFAULTS)}")
-    return variant, cfg
+        if variant_or_cfg not in CONFIGS:
+            raise ValueError(f"unknown variant {variant_or_cfg!r}; expected one of "
+                             f"{sorted(CONFIGS)}")
+        return variant_or_cfg, CONFIGS[variant_or_cfg]()
+    if hasattr(variant_or_cfg, "variant") and hasattr(variant_or_cfg, "cfg"):  # a DETRModel
+        return variant_or_cfg.variant, variant_or_cfg.cfg
+    try:
+        return variant_of(variant_or_cfg), variant_or_cfg
+    except TypeError:
+        raise TypeError(f"expected a variant name, a model config or a model, got "
+                        f"{type(variant_or_cfg).__name__}") from None
 
 
 def _settings(variant_or_cfg):
-    """The table row of the variant, with the fields a model config carries taken from it."""
-    variant, cfg = _variant_of(variant_or_cfg)
-    d = dict(VARIANT_LOSS_DEFAULTS[variant], focal_alpha=0.25, eos_coef=0.1, dec_layers=6,
-             two_stage=False, dn=variant == "dino")
-    if cfg is not None:
-        if hasattr(cfg, "loss_weights"):
-            d["loss_ce"], d["loss_bbox"], d["loss_giou"] = cfg.loss_weights
-        if hasattr(cfg, "matcher_weights"):
-            d["cost_class"], d["cost_bbox"], d["cost_giou"] = cfg.matcher_weights
-        for k in ("class_loss", "focal_alpha", "eos_coef", "num_select", "dec_layers",
-                  "two_stage"):
-            d[k] = getattr(cfg, k, d[k])
-        d["dn"] = d["dn"] and getattr(cfg, "dn_number", 1) > 0
+    """The criterion's settings of a variant, read from its config."""
+    variant, cfg = _variant_and_config(variant_or_cfg)
+    d = dict(zip(LOSS_NAMES, cfg.loss_weights))
+    d.update(zip(("cost_class", "cost_bbox", "cost_giou"), cfg.matcher_weights))
+    d.update(class_loss=cfg.class_loss, num_select=cfg.num_select, dec_layers=cfg.dec_layers,
+             two_stage=getattr(cfg, "two_stage", False),
+             dn=variant == "dino" and cfg.dn_number > 0)
+    # the class-loss parameter a config has (focal_alpha or eos_coef); the other one keeps the
+    # SetCriterion / HungarianMatcher default, which that class loss never reads
+    d.update({k: getattr(cfg, k) for k in ("focal_alpha", "eos_coef") if hasattr(cfg, k)})
     return variant, d
 
 
@@ -370,12 +350,13 @@ def build_weight_dict(base, num_decoder_layers: int = 6, enc: bool = False, dn: 
                       enc_coef: float = 1.0) -> Dict[str, float]:
     """DETR-convention weight_dict.
 
-    base: a variant name (its table weights) or {"loss_ce", "loss_bbox", "loss_giou": weight}.
+    base: a variant name (its config's loss_weights) or {"loss_ce", "loss_bbox", "loss_giou":
+    weight}.
     Keys: the main ones, "_{i}" for the L-1 auxiliary layers, "_enc" (enc_coef x base) for
     encoder proposals, "_dn" and "_dn_{i}" for denoising, all with the base weights.
     """
     if isinstance(base, str):
-        base = VARIANT_LOSS_DEFAULTS[_variant_of(base)[0]]
+        base = _settings(base)[1]
     base = {k: float(base[k]) for k in LOSS_NAMES}
     per_layer = dict(base)
     if dn:
@@ -391,11 +372,12 @@ def build_weight_dict(base, num_decoder_layers: int = 6, enc: bool = False, dn: 
 def build_criterion(variant_or_cfg, num_classes: int, *, num_decoder_layers: Optional[int] = None,
                     two_stage: Optional[bool] = None, dn: Optional[bool] = None,
                     **overrides) -> SetCriterion:
-    """SetCriterion with a variant's official defaults (specs/detr-family.md, section 3.2).
+    """SetCriterion with a variant's official defaults (its config in common/config.py).
 
-    variant_or_cfg: "detr", "conditional_detr", "dab_detr", "deformable_detr", "dino"; or a
-        model config of common.detr (or the model itself), whose loss_weights, matcher_weights,
-        class_loss, focal_alpha, eos_coef, dec_layers, two_stage and dn_number are used.
+    variant_or_cfg: "detr", "conditional_detr", "dab_detr", "deformable_detr", "dino" (the
+        variant's default config); or a config of common.config (``CONFIGS[variant](...)``, also
+        exported by common.detr), or the model itself, whose loss_weights, matcher_weights,
+        class_loss, focal_alpha or eos_coef, dec_layers, two_stage and dn_number are used.
     two_stage: Deformable DETR with encoder proposals ("_enc", class-agnostic). DINO always has
         its (real-label) encoder proposals. dn: DINO's denoising keys (default on for DINO).
     overrides: loss_ce, loss_bbox, loss_giou (weights of every group), cost_class, cost_bbox,
@@ -410,17 +392,18 @@ def build_criterion(variant_or_cfg, num_classes: int, *, num_decoder_layers: Opt
                         f"{sorted(allowed)}")
     d.update(overrides)
     gamma = d.get("focal_gamma", 2.0)
+    # focal_alpha (focal-loss configs) or eos_coef (DETR's): the one the config or overrides have
+    alpha = {"focal_alpha": d["focal_alpha"]} if "focal_alpha" in d else {}
+    eos = {"eos_coef": d["eos_coef"]} if "eos_coef" in d else {}
     matcher = HungarianMatcher(d["cost_class"], d["cost_bbox"], d["cost_giou"],
-                               class_cost=d["class_loss"], focal_alpha=d["focal_alpha"],
-                               focal_gamma=gamma)
+                               class_cost=d["class_loss"], focal_gamma=gamma, **alpha)
     L = d["dec_layers"] if num_decoder_layers is None else num_decoder_layers
     two_stage = d["two_stage"] if two_stage is None else two_stage
     dn = d["dn"] if dn is None else dn
     weights = build_weight_dict(d, L, enc=two_stage or variant == "dino", dn=dn)
     # Two-stage Deformable DETR matches its proposals class-agnostically, DINO with real labels.
     return SetCriterion(num_classes, matcher, weights, class_loss=d["class_loss"],
-                        focal_alpha=d["focal_alpha"], focal_gamma=gamma, eos_coef=d["eos_coef"],
-                        enc_class_agnostic=variant != "dino")
+                        focal_gamma=gamma, enc_class_agnostic=variant != "dino", **alpha, **eos)
 
 
 def build_postprocess(variant_or_cfg, num_select: Optional[int] = None) -> PostProcess:

@@ -7,8 +7,8 @@ Variants (``build_model(variant, num_classes, **overrides)``):
     deformable_detr   Zhu et al., Deformable DETR, arXiv:2010.04159 (flags with_box_refine, two_stage)
     dino              Zhang et al., DINO: DETR with Improved DeNoising Anchor Boxes, arXiv:2203.03605
 
-Each has a frozen config dataclass whose defaults are the official ones (specs/detr-family.md
-sec. 3.1); a default that differs from the official code says so in a comment.
+Each has a frozen config dataclass whose defaults are the official ones, ``CONFIGS[variant]``,
+defined in common/config.py (where the criterion reads them too) and re-exported here.
 
 Contract (DESIGN.md, Models):
     enc = model.encode(images, masks)                     -> Encoded
@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.backbone import build_backbone, sine_embed
+from common.config import (CONFIGS, ConditionalDETRConfig, DABDETRConfig, DeformableDETRConfig,
+                           DETRConfig, DINOConfig)
 from common.matcher import _check_targets
 from common.transformer import (MLP, ConditionalDecoder, DecoderLayer, DeformableDecoder,
                                 DeformableDecoderLayer, DeformableEncoderLayer,
@@ -40,181 +42,6 @@ __all__ = ["DETRConfig", "ConditionalDETRConfig", "DABDETRConfig", "DeformableDE
            "build_model"]
 
 
-# ------------------------------------------------------------------------------------------
-# Configs: the official defaults (R50, COCO). Tiny CPU runs override backbone/width/sizes.
-# ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class DETRConfig:
-    backbone: str = "resnet50"      # or resnet18/34/101, or "tiny" (BasicBlocks, ``width``)
-    width: int = 16                 # base channels of the "tiny" backbone only
-    dilation: bool = False          # DC5
-    pretrained: bool = False        # torchvision ImageNet weights from the local cache only
-    backbone_weights: Optional[str] = None
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    activation: str = "relu"
-    num_queries: int = 100
-    pos_temperature: float = 10000.0
-    pos_offset: float = 0.0
-    class_loss: str = "softmax"     # 92-way for COCO (91 slots + no-object)
-    eos_coef: float = 0.1
-    loss_weights: Tuple[float, float, float] = (1.0, 5.0, 2.0)   # cls, L1, GIoU
-    matcher_weights: Tuple[float, float, float] = (1.0, 5.0, 2.0)
-    num_select: int = 100           # DETR itself takes the arg-max per query
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5
-    lr_linear_proj_mult: float = 1.0
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
-    epochs: int = 300               # code default; the released models trained 500
-    lr_drop: int = 200
-
-
-@dataclass(frozen=True)
-class ConditionalDETRConfig:
-    backbone: str = "resnet50"
-    width: int = 16
-    dilation: bool = False
-    pretrained: bool = False
-    backbone_weights: Optional[str] = None
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.1
-    activation: str = "relu"
-    num_queries: int = 300
-    pos_temperature: float = 10000.0
-    pos_offset: float = 0.0
-    class_loss: str = "focal"
-    focal_alpha: float = 0.25
-    loss_weights: Tuple[float, float, float] = (2.0, 5.0, 2.0)
-    matcher_weights: Tuple[float, float, float] = (2.0, 5.0, 2.0)
-    num_select: int = 100
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5
-    lr_linear_proj_mult: float = 1.0
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
-    epochs: int = 50
-    lr_drop: int = 40
-
-
-@dataclass(frozen=True)
-class DABDETRConfig:
-    backbone: str = "resnet50"
-    width: int = 16
-    dilation: bool = False
-    pretrained: bool = False
-    backbone_weights: Optional[str] = None
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.0
-    activation: str = "prelu"
-    num_queries: int = 300
-    pos_temperature: float = 20.0   # HF's converter uses 10 for the released R50-DC5 model
-    pos_offset: float = 0.0
-    modulate_hw_attn: bool = True
-    class_loss: str = "focal"
-    focal_alpha: float = 0.25
-    loss_weights: Tuple[float, float, float] = (1.0, 5.0, 2.0)
-    matcher_weights: Tuple[float, float, float] = (2.0, 5.0, 2.0)
-    num_select: int = 300
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5
-    lr_linear_proj_mult: float = 1.0
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
-    epochs: int = 50                # README; the code's argparse default is 300
-    lr_drop: int = 40
-
-
-@dataclass(frozen=True)
-class DeformableDETRConfig:
-    backbone: str = "resnet50"
-    width: int = 16
-    dilation: bool = False
-    pretrained: bool = False
-    backbone_weights: Optional[str] = None
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 1024
-    dropout: float = 0.1
-    activation: str = "relu"
-    num_queries: int = 300
-    num_feature_levels: int = 4
-    enc_n_points: int = 4
-    dec_n_points: int = 4
-    pos_temperature: float = 10000.0
-    pos_offset: float = -0.5        # pixel centres
-    with_box_refine: bool = False
-    two_stage: bool = False
-    class_loss: str = "focal"
-    focal_alpha: float = 0.25
-    loss_weights: Tuple[float, float, float] = (2.0, 5.0, 2.0)
-    matcher_weights: Tuple[float, float, float] = (2.0, 5.0, 2.0)
-    num_select: int = 100
-    lr: float = 2e-4
-    lr_backbone: float = 2e-5
-    lr_linear_proj_mult: float = 0.1  # sampling_offsets and reference_points
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
-    epochs: int = 50
-    lr_drop: int = 40
-
-
-@dataclass(frozen=True)
-class DINOConfig:
-    backbone: str = "resnet50"
-    width: int = 16
-    dilation: bool = False
-    pretrained: bool = False
-    backbone_weights: Optional[str] = None
-    hidden_dim: int = 256
-    nheads: int = 8
-    enc_layers: int = 6
-    dec_layers: int = 6
-    dim_feedforward: int = 2048
-    dropout: float = 0.0
-    activation: str = "relu"
-    num_queries: int = 900
-    num_feature_levels: int = 4
-    enc_n_points: int = 4
-    dec_n_points: int = 4
-    pos_temperature: float = 20.0
-    pos_offset: float = 0.0
-    dn_number: int = 100
-    dn_box_noise_scale: float = 0.4
-    dn_label_noise_ratio: float = 0.5
-    class_loss: str = "focal"
-    focal_alpha: float = 0.25
-    loss_weights: Tuple[float, float, float] = (1.0, 5.0, 2.0)
-    matcher_weights: Tuple[float, float, float] = (2.0, 5.0, 2.0)
-    num_select: int = 300
-    lr: float = 1e-4
-    lr_backbone: float = 1e-5
-    # DINO_4scale.py lists lr_linear_proj_mult = 0.1, but its param_dict_type = 'default' never
-    # applies it (main.py get_param_dict): sampling_offsets train at the full lr
-    lr_linear_proj_mult: float = 1.0
-    weight_decay: float = 1e-4
-    clip_max_norm: float = 0.1
-    epochs: int = 12
-    lr_drop: int = 11
-
-
-CONFIGS = {"detr": DETRConfig, "conditional_detr": ConditionalDETRConfig,
-           "dab_detr": DABDETRConfig, "deformable_detr": DeformableDETRConfig, "dino": DINOConfig}
 _MULTI_SCALE = ("deformable_detr", "dino")
 
 
@@ -361,7 +188,8 @@ class DETRModel(nn.Module):
                 cfg.enc_n_points), cfg.enc_layers)
             t.decoder = DeformableDecoder(DeformableDecoderLayer(
                 D, cfg.dim_feedforward, cfg.dropout, cfg.activation, n_lv, cfg.nheads,
-                cfg.dec_n_points), L, D, dino=(variant == "dino"))
+                cfg.dec_n_points), L, D, dino=(variant == "dino"),
+                inverse_sigmoid_eps=cfg.inverse_sigmoid_eps)
         else:
             self.input_proj = nn.Conv2d(chans[-1], D, kernel_size=1)
             enc_layer = EncoderLayer(D, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation)
@@ -374,7 +202,8 @@ class DETRModel(nn.Module):
                 kw = dict(d_model=D, nhead=cfg.nheads, dim_feedforward=cfg.dim_feedforward,
                           dropout=cfg.dropout, activation=cfg.activation)
                 t.decoder = ConditionalDecoder(kw, L, D, anchor_dim=4 if variant == "dab_detr" else 2,
-                                               modulate_hw_attn=getattr(cfg, "modulate_hw_attn", False))
+                                               modulate_hw_attn=getattr(cfg, "modulate_hw_attn", False),
+                                               inverse_sigmoid_eps=cfg.inverse_sigmoid_eps)
 
         # variant-specific query parameters
         two_stage = variant == "deformable_detr" and cfg.two_stage
@@ -572,7 +401,8 @@ class DETRModel(nn.Module):
             _check_targets(targets, B, self.num_classes)
             dn_content, dn_ref, dn_mask, dn_meta = prepare_cdn(
                 targets, self.cfg.dn_number, self.cfg.dn_label_noise_ratio,
-                self.cfg.dn_box_noise_scale, self.num_classes, content.shape[1], self.label_enc)
+                self.cfg.dn_box_noise_scale, self.num_classes, content.shape[1], self.label_enc,
+                self.cfg.inverse_sigmoid_eps)
             N = dn_meta["num_dn_queries"]
             content = torch.cat([dn_content.to(content.dtype), content], 1)  # DN block first
             ref = torch.cat([dn_ref.to(ref.dtype), ref], 1)

@@ -41,6 +41,9 @@ from common.distributed import is_main_process
 
 BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "methods", "baseline.py")
+# teachers shipped with the repository: <preset>.pth (weights) and <preset>.json (how it was
+# trained, its sha256, the cache entry it stands for, its recorded AP); methods/teachers/pack.py
+SHIPPED_TEACHERS = os.path.join(os.path.dirname(BASELINE), "teachers")
 
 
 def build_parser(description, default_preset="cpu-student"):
@@ -66,7 +69,7 @@ def build_parser(description, default_preset="cpu-student"):
     g.add_argument("--teacher-arg", dest="teacher_arg", action="append", default=None,
                    metavar="NAME=VALUE",
                    help="repeatable, with --teacher-variant: a model setting the official file "
-                        "was trained with (a field of the variant's config in common/detr.py), "
+                        "was trained with (a field of the variant's config in common/config.py), "
                         "e.g. with_box_refine=true and two_stage=true for Deformable DETR "
                         "+refine / two-stage, dilation=true for DC5, num_queries=300. Only "
                         "needed for what the file's stored training args do not say: those are "
@@ -156,6 +159,12 @@ def resolve(args):
         raise ValueError(missing_teacher_message(args))
     args.teacher_overrides = parse_model_args(args.teacher_variant, args.teacher_arg) \
         if args.teacher_variant is not None else {}
+    if (args.teacher and args.output_dir and not args.eval and os.path.isdir(args.output_dir)
+            and os.path.samefile(args.output_dir,
+                                 os.path.dirname(os.path.abspath(args.teacher)))):
+        raise ValueError(f"--output-dir {args.output_dir} is the folder of the teacher "
+                         f"{args.teacher}: the student's checkpoint would replace it; choose "
+                         f"another folder")
     if args.teacher_variant is not None:
         check_teacher_fits_recipe(args, args.teacher_variant)
     cli.announce_settings(args)
@@ -259,9 +268,60 @@ def teacher_cache_path(args):
     return os.path.join(root, "teachers", f"{args.teacher_preset}-{digest}", "checkpoint.pth")
 
 
+def shipped_teacher(args):
+    """The description (<preset>.json) of the teacher shipped in methods/teachers/ when it was
+    trained with exactly this run's teacher settings (preset, seed, embedded-data settings: the
+    same cache entry), else None."""
+    meta_path = os.path.join(SHIPPED_TEACHERS, f"{args.teacher_preset}.json")
+    if args.data != "synthetic" or not os.path.isfile(meta_path):
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    name = os.path.basename(os.path.dirname(teacher_cache_path(args)))
+    return meta if meta.get("cache_name") == name else None
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def install_shipped_teacher(meta, path):
+    """Copy the shipped teacher (checked against its recorded sha256) and its training log into
+    the cache entry ``path`` it stands for; the entry appears whole or not at all."""
+    src = os.path.join(SHIPPED_TEACHERS, meta["file"])
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"{src} is missing (its description {meta['file']} is there): "
+                                f"restore it from the repository, or pass --teacher")
+    digest = file_sha256(src)
+    if digest != meta["sha256"]:
+        raise ValueError(f"{src} has sha256 {digest}, not the recorded {meta['sha256']}: the "
+                         f"file is damaged or was replaced; restore it from the repository")
+    folder = os.path.dirname(path)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".shipped-", dir=os.path.dirname(folder))
+    try:
+        shutil.copyfile(src, os.path.join(work, "checkpoint.pth"))
+        with open(os.path.join(work, "log.txt"), "w") as f:
+            f.writelines(json.dumps(line) + "\n" for line in meta.get("log", []))
+        try:
+            os.replace(work, folder)
+        except OSError:
+            if not os.path.isfile(path):  # a real failure, not another process finishing first
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return path
+
+
 def ensure_teacher(args):
-    """The teacher checkpoint: --teacher, or on the embedded data the cached one, which is
-    trained now with methods/baseline.py when missing (its output is shown as it runs)."""
+    """The teacher checkpoint: --teacher, or on the embedded data the cached one; when none is
+    cached, the teacher shipped in methods/teachers/ if it was trained with this run's teacher
+    settings (copied into the cache), else one trained now with methods/baseline.py (its output
+    is shown as it runs)."""
     if args.teacher:
         if not os.path.isfile(args.teacher):
             raise FileNotFoundError(f"--teacher {args.teacher}: no such file")
@@ -271,6 +331,15 @@ def ensure_teacher(args):
     path = teacher_cache_path(args)
     if os.path.isfile(path):
         print(f"teacher: cached at {path}", flush=True)
+        return path
+    meta = shipped_teacher(args)
+    if meta is not None:
+        install_shipped_teacher(meta, path)
+        stats = meta.get("recorded", {})
+        print(f"teacher: the one shipped in methods/teachers/{meta['file']} (AP "
+              f"{stats.get('AP', float('nan')):.3f}, AP50 {stats.get('AP50', float('nan')):.3f} "
+              f"when it was trained; trained with: {meta['command']}), cached at {path}",
+              flush=True)
         return path
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         raise ValueError(f"no cached teacher at {path}: run the same command once without "
@@ -356,10 +425,15 @@ def last_log_line(checkpoint_path):
 
 
 def teacher_stats(teacher_path, evaluate_teacher, args):
-    """The teacher's COCO stats on this validation set, cached beside its checkpoint."""
-    key = hashlib.sha256(json.dumps({k: getattr(args, k, None) for k in (
-        "data", "coco_path", "val_ann", "synth", "synth_seed", "synth_num_val", "image_size",
-        "max_size", "max_iters")}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """The teacher's COCO stats on this validation set, cached beside its checkpoint; the key
+    holds the data flags and the teacher file's size and modification time, so a replaced
+    teacher is evaluated again."""
+    st = os.stat(teacher_path)
+    key = {k: getattr(args, k, None) for k in (
+        "data", "coco_path", "val_ann", "val_images", "synth", "synth_seed", "synth_num_val",
+        "image_size", "max_size", "max_iters")}
+    key["teacher"] = [os.path.basename(teacher_path), st.st_size, st.st_mtime_ns]
+    key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     cache = os.path.join(os.path.dirname(teacher_path), f"eval-{key}.json")
     if os.path.isfile(cache):
         with open(cache) as f:

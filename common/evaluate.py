@@ -5,6 +5,9 @@
         results = postprocess(model(images, masks), orig_sizes)  # [{"scores","labels","boxes" xyxy abs}]
         evaluator.update(targets, results)
     stats = evaluator.summarize()    # {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", ...}
+    print(evaluator.summary_table())     # COCOeval's 12 lines
+    print(evaluator.per_class_table())   # AP, AP50, AP75 of each category, by name
+    evaluator.write_detections("detections.json")  # COCO results format, for COCO.loadRes
 
 Every image passed to ``update`` counts, with or without detections (its ground truth then counts
 as missed). Under torch.distributed every process calls ``summarize``; the detections are gathered
@@ -14,13 +17,17 @@ Like pycocotools, a bucket with no ground truth (e.g. APl when no object is larg
 """
 import contextlib
 import io
+import json
+import math
+import os
 
 import torch
 import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["CocoEvaluator", "results_to_coco", "coco_evaluate", "STAT_NAMES"]
+__all__ = ["CocoEvaluator", "results_to_coco", "coco_evaluate", "per_class_ap",
+           "format_per_class", "STAT_NAMES"]
 
 # the order of COCOeval.stats for iouType="bbox"
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -60,8 +67,8 @@ def coco_evaluate(coco_gt: COCO, detections, image_ids, verbose=False):
     if unknown:
         raise ValueError(f"image ids {sorted(unknown)[:5]} are not in the ground truth")
     coco_gt.dataset.setdefault("info", {})  # pycocotools 2.0.9-2.0.10 loadRes reads it
-    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with quiet:
+    text = io.StringIO()  # what pycocotools prints; its last 12 lines are the summary table
+    with contextlib.redirect_stdout(text):
         if detections:
             coco_dt = coco_gt.loadRes(list(detections))
         else:  # loadRes cannot take an empty list; an empty result set scores 0 wherever there is ground truth
@@ -74,8 +81,56 @@ def coco_evaluate(coco_gt: COCO, detections, image_ids, verbose=False):
         coco_eval.evaluate()
         coco_eval.accumulate()
         coco_eval.summarize()
+    if verbose:
+        print(text.getvalue(), end="")
+    coco_eval.summary_text = "\n".join(text.getvalue().rstrip("\n").splitlines()[-12:])
     stats = {name: float(v) for name, v in zip(STAT_NAMES, coco_eval.stats)}
     return stats, coco_eval
+
+
+def per_class_ap(coco_eval: COCOeval):
+    """AP, AP50 and AP75 of each category from an accumulated COCOeval (bbox), as MMDetection's
+    ``classwise`` table: the mean of ``eval["precision"][T, R, k, area "all", maxDets 100]``
+    over the IoU thresholds T (all, or 0.5, or 0.75) and recall points R, skipping the -1
+    entries; NaN for a category without ground truth in the evaluated images.
+
+    -> [{"category_id", "name", "AP", "AP50", "AP75"}] in category id order."""
+    precision = coco_eval.eval["precision"]  # (T iou thresholds, R recalls, K cats, A areas, M)
+    iou = list(coco_eval.params.iouThrs)
+    area = list(coco_eval.params.areaRngLbl).index("all")
+    max_dets = list(coco_eval.params.maxDets).index(100) if 100 in coco_eval.params.maxDets else -1
+    cats = coco_eval.cocoGt.cats
+    rows = []
+    for k, cat_id in enumerate(coco_eval.params.catIds):
+        def mean(t_index):
+            p = precision[t_index, :, k, area, max_dets]
+            p = p[p > -1]
+            return float(p.mean()) if p.size else float("nan")
+        rows.append({"category_id": int(cat_id), "name": str(cats[cat_id].get("name", cat_id)),
+                     "AP": mean(slice(None)), "AP50": mean(_iou_index(iou, 0.5)),
+                     "AP75": mean(_iou_index(iou, 0.75))})
+    return rows
+
+
+def _iou_index(thresholds, value):
+    for i, t in enumerate(thresholds):
+        if abs(t - value) < 1e-9:
+            return i
+    raise ValueError(f"IoU threshold {value} is not among COCOeval's {list(thresholds)}")
+
+
+def format_per_class(rows, columns=2):
+    """The per-class rows of ``per_class_ap`` as a text table (``columns`` categories a line);
+    categories without ground truth show "nan"."""
+    def cell(x):
+        return "nan" if math.isnan(x) else f"{x:.3f}"
+    width = max([len("category")] + [len(r["name"]) for r in rows])
+    head = f"{'category':<{width}} {'AP':>6} {'AP50':>6} {'AP75':>6}"
+    lines = [" | ".join([head] * min(columns, max(len(rows), 1)))]
+    for i in range(0, len(rows), columns):
+        lines.append(" | ".join(f"{r['name']:<{width}} {cell(r['AP']):>6} {cell(r['AP50']):>6} "
+                                f"{cell(r['AP75']):>6}" for r in rows[i:i + columns]))
+    return "\n".join(lines)
 
 
 class CocoEvaluator:
@@ -132,3 +187,36 @@ class CocoEvaluator:
 
     def reset(self):
         self.detections = {}
+
+    def _last_eval(self):
+        if self.coco_eval is None:
+            raise RuntimeError("call summarize() first")
+        return self.coco_eval
+
+    def summary_table(self) -> str:
+        """COCOeval's 12-line summary (AP, AR by IoU, area and maxDets) of the last summarize."""
+        return self._last_eval().summary_text
+
+    def per_class_ap(self):
+        """[{"category_id", "name", "AP", "AP50", "AP75"}] of the last summarize (see
+        ``per_class_ap``)."""
+        return per_class_ap(self._last_eval())
+
+    def per_class_table(self, columns=2) -> str:
+        return format_per_class(self.per_class_ap(), columns)
+
+    def write_detections(self, path) -> int:
+        """Write every detection gathered over all processes as
+        COCO results JSON: ``[{"image_id", "category_id", "bbox" [x, y, w, h] pixels,
+        "score"}]``, sorted by image id; loads with ``COCO.loadRes``. Under torch.distributed
+        every process calls it (the detections are gathered), the main one writes. Returns the
+        number of detections."""
+        per_image = self._gathered()
+        detections = [d for image_id in sorted(per_image) for d in per_image[image_id]]
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(detections, f)
+            os.replace(tmp, path)
+        return len(detections)

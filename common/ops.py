@@ -131,7 +131,15 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         attention_weights:  (B, Q, H, L, P), normally softmaxed over L * P.
     Returns:
         (B, Q, H * Dh): sum over levels and points of weight x bilinear sample, exactly
-        ``F.grid_sample(align_corners=False, padding_mode='zeros')`` semantics.
+        ``F.grid_sample(align_corners=False, padding_mode='zeros')`` semantics, NaN included:
+        a NaN or infinite sampling location makes its query-head's output NaN (and its
+        gradients those of grid_sample on the CPU), a NaN attention weight or value cell
+        propagates; huge finite locations are outside the map and sample zero.
+
+    spatial_shapes must hold positive sizes that add up to S (checked in exact integers, so
+    sizes whose product overflows int64 are refused) and level_start_index their exclusive
+    cumulative sum: ValueError otherwise. (A table on the GPU is not checked, as that would
+    wait for the device; the CUDA kernels skip any level that does not fit inside value.)
 
     value, locations and weights share one dtype (fp32/fp64 on CPU; fp32/fp16/bf16, and fp64, on
     CUDA, with fp16/bf16 accumulated in fp32) and are differentiable. The extension's backward
@@ -161,17 +169,13 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                         f"{attention_weights.dtype}")
     _check_same_device(value=value, sampling_locations=sampling_locations,
                        attention_weights=attention_weights)
-    if spatial_shapes.device.type == "cpu":  # checking device-resident shapes would sync
-        hw = spatial_shapes.prod(1)
-        if int(hw.sum()) != S:
-            raise ValueError(f"value has S={S} rows but spatial_shapes {spatial_shapes.tolist()} "
-                             f"sum to {int(hw.sum())}")
-        if level_start_index.device.type == "cpu" and not torch.equal(
-                level_start_index, torch.cumsum(hw, 0) - hw):
-            raise ValueError(f"level_start_index {level_start_index.tolist()} is not the "
-                             f"exclusive cumulative sum of H*W of spatial_shapes")
-
     ext = _ext_for(value.device)
+    # Checking a level table that lives on the GPU would sync; the fallback reads it anyway, and
+    # the CUDA kernels skip any level whose rows do not lie inside value's S rows.
+    if spatial_shapes.device.type == "cpu" or ext is None:
+        _check_level_table(spatial_shapes, level_start_index, S,
+                           check_starts=level_start_index.device.type == "cpu" or ext is None)
+
     if ext is None:
         return ms_deform_attn_fallback(value, spatial_shapes, sampling_locations,
                                        attention_weights)
@@ -181,6 +185,28 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
         value.contiguous(), spatial_shapes.to(value.device).contiguous(),
         level_start_index.to(value.device).contiguous(), sampling_locations.contiguous(),
         attention_weights.contiguous())
+
+
+def _check_level_table(spatial_shapes, level_start_index, S, check_starts=True):
+    """Every level must be a non-empty H x W map, the levels must fill value's S rows exactly, and
+    level_start_index must be the exclusive cumulative sum of H * W. In Python integers, which
+    do not overflow: (2^32, 2^32) has 2^64 cells, not the 0 that int64 arithmetic wraps it to."""
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist() if check_starts else None
+    rows = 0  # cells of the levels so far
+    for lvl, (h, w) in enumerate(shapes):
+        if h < 1 or w < 1:
+            raise ValueError(f"spatial_shapes[{lvl}] must be a positive (H, W), got ({h}, {w})")
+        if starts is not None and starts[lvl] != rows:
+            raise ValueError(f"level_start_index {starts} is not the exclusive cumulative sum of "
+                             f"H*W of spatial_shapes {shapes}: entry {lvl} must be {rows}")
+        rows += h * w
+        if rows > S:
+            raise ValueError(f"value has S={S} rows but spatial_shapes {shapes} need more: "
+                             f"levels 0..{lvl} alone have {rows} cells (H*W = {h * w} for "
+                             f"level {lvl})")
+    if rows != S:
+        raise ValueError(f"value has S={S} rows but spatial_shapes {shapes} sum to {rows}")
 
 
 class _MSDeformAttnFunction(torch.autograd.Function):
@@ -203,10 +229,12 @@ class _MSDeformAttnFunction(torch.autograd.Function):
 
 def ms_deform_attn_fallback(value, spatial_shapes, sampling_locations, attention_weights):
     """Pure-PyTorch reference: one ``grid_sample`` per level (as the official repository's
-    ``ms_deform_attn_core_pytorch``). Memory grows as B * H * Dh * Q * L * P."""
+    ``ms_deform_attn_core_pytorch``). Memory grows as B * H * Dh * Q * L * P. ``spatial_shapes``
+    may also be a list of (H, W) ints (under tracing the tensor's values are unknown)."""
     B, S, H, Dh = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if isinstance(
+        spatial_shapes, torch.Tensor) else spatial_shapes)]  # a list of (H, W) when traced
     value_per_level = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     samples = []
@@ -221,7 +249,12 @@ def ms_deform_attn_fallback(value, spatial_shapes, sampling_locations, attention
     # (B, Q, H, L, P) -> (B*H, 1, Q, L*P)
     weights = attention_weights.transpose(1, 2).reshape(B * H, 1, Q, L * P)
     out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1)  # (B*H, Dh, Q)
-    return out.view(B, H * Dh, Q).transpose(1, 2).contiguous()
+    out = out.view(B, H * Dh, Q).transpose(1, 2)  # (B, Q, H * Dh)
+    # A NaN or infinite location samples NaN in grid_sample on the CPU; CUDA's grid_sample gives
+    # 0 for an infinite one. 0, or NaN for such a location, added to its query-head's output
+    # (outside autograd, so the gradients stay grid_sample's) makes both devices give NaN.
+    poison = (sampling_locations - sampling_locations).detach().sum((-3, -2, -1))  # (B, Q, H)
+    return (out.reshape(B, Q, H, Dh) + poison[..., None]).view(B, Q, H * Dh)
 
 
 # ------------------------------------------------------------------------------------------
@@ -232,8 +265,9 @@ def pairwise_giou(boxes1, boxes2, return_iou=False):
     """Generalized IoU (Rezatofighi et al., CVPR 2019) of every pair of xyxy boxes.
 
     boxes1 (N, 4) and boxes2 (M, 4) -> (N, M); or batched (B, N, 4), (B, M, 4) -> (B, N, M).
-    With ``return_iou`` returns (giou, iou). Zero-size boxes give finite values (IoU 0). The
-    result is float32 for half inputs (computed in fp32), else the input dtype.
+    With ``return_iou`` returns (giou, iou). Zero-size boxes give finite values (IoU 0); a box
+    with a NaN coordinate gives NaN against every box. The result is float32 for half inputs
+    (computed in fp32), else the input dtype.
     """
     _check_tensor("boxes1", boxes1, ndim=(2, 3), last=4, floating=True)
     _check_tensor("boxes2", boxes2, ndim=(2, 3), last=4, floating=True)
@@ -327,7 +361,9 @@ def match_cost(pred_logits, pred_boxes, tgt_labels, tgt_boxes, num_targets, *,
     reference DETR matcher; the focal cost needs only the T logits of the targets' classes, the
     softmax cost one logsumexp per query. Inputs: float32/float64 on CPU (float16/bfloat16 are
     converted to float32); float32/float16/bfloat16/float64 on CUDA (half computed in float32).
-    Mixed float dtypes are promoted to one. Zero-size boxes give finite costs.
+    Mixed float dtypes are promoted to one. Zero-size boxes give finite costs. NaN in a box or
+    in a logit the cost reads (the target's class for focal, any class for softmax) gives NaN
+    costs, which linear_sum_assignment refuses, rather than a finite cost that could be matched.
     On CPU, num_targets outside [0, T] and labels of real targets outside [0, C) raise
     ValueError. On CUDA they are not checked (that would need a device sync): such an image's
     block, or such a target's column, is NaN instead, which linear_sum_assignment reports.
@@ -480,6 +516,204 @@ def linear_sum_assignment_fallback(cost, cols):
         out.append((torch.as_tensor(r, dtype=torch.int64, device=cost.device),
                     torch.as_tensor(c, dtype=torch.int64, device=cost.device)))
     return out
+
+
+# ==========================================================================================
+# Tracing and export: ms_deform_attn as a torch.library custom op
+# ==========================================================================================
+# torch.export cannot trace ``ms_deform_attn`` as it is: its argument checks read the values of
+# ``spatial_shapes`` (a data-dependent guard), and the extension's pybind call is opaque to the
+# tracer. Under tracing the model calls ``ms_deform_attn_traceable`` instead, which runs one of
+#   "op"           the custom op ``torch.ops.detrkd.ms_deform_attn``: the extension's kernels (or
+#                  the fallback) behind a fake (shape-only) implementation, with autograd; an
+#                  ExportedProgram holding it needs ``import common.ops`` before it is loaded.
+#                  The default for torch.export / torch.compile.
+#   "grid_sample"  the pure-PyTorch formulation (``ms_deform_attn_fallback`` with the levels'
+#                  (H, W) as Python ints): only standard ops, so ONNX and TorchScript files that
+#                  need nothing from this project. The default under torch.jit.trace.
+# ``with ops.trace_impl("grid_sample"): torch.onnx.export(...)`` picks one.
+
+_TRACE_IMPL = None  # None: "op" under torch.export / torch.compile, "grid_sample" under jit.trace
+
+
+def tracing() -> bool:
+    """True while torch.export, torch.compile or torch.jit.trace is tracing the caller."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+class trace_impl:
+    """Context manager: the ms_deform_attn formulation that tracing records ("op" or
+    "grid_sample"), e.g. ``with trace_impl("grid_sample"): torch.onnx.export(...)``."""
+
+    def __init__(self, impl: str):
+        if impl not in ("op", "grid_sample"):
+            raise ValueError(f"trace_impl must be 'op' or 'grid_sample', got {impl!r}")
+        self.impl = impl
+
+    def __enter__(self):
+        global _TRACE_IMPL
+        self.previous, _TRACE_IMPL = _TRACE_IMPL, self.impl
+        return self
+
+    def __exit__(self, *exc):
+        global _TRACE_IMPL
+        _TRACE_IMPL = self.previous
+
+
+@torch.library.custom_op("detrkd::ms_deform_attn", mutates_args=())
+def _ms_deform_attn_op(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                       level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                       attention_weights: torch.Tensor) -> torch.Tensor:
+    """The ms_deform_attn core on real tensors (the extension, else the fallback)."""
+    ext = _ext_for(value.device)
+    if ext is None:
+        return ms_deform_attn_fallback(value, spatial_shapes, sampling_locations,
+                                       attention_weights)
+    return ext.ms_deform_attn_forward(value.contiguous(), spatial_shapes.contiguous(),
+                                      level_start_index.contiguous(),
+                                      sampling_locations.contiguous(),
+                                      attention_weights.contiguous())
+
+
+@_ms_deform_attn_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    # (B, S, H, Dh), (B, Q, H, L, P, 2) -> (B, Q, H * Dh); no value is read
+    B, _, H, Dh = value.shape
+    return value.new_empty(B, sampling_locations.shape[1], H * Dh)
+
+
+def _ms_deform_attn_op_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+@torch.library.custom_op("detrkd::ms_deform_attn_backward", mutates_args=())
+def _ms_deform_attn_backward_op(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                                level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                                attention_weights: torch.Tensor, grad_output: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_value, grad_sampling_locations, grad_attention_weights) from the extension's
+    kernel, an op of its own so that a traced backward (torch.compile training) holds it."""
+    ext = _ext_for(value.device)
+    if ext is None:
+        raise RuntimeError("detrkd::ms_deform_attn_backward needs the compiled extension")
+    return tuple(ext.ms_deform_attn_backward(
+        value.contiguous(), spatial_shapes.contiguous(), level_start_index.contiguous(),
+        sampling_locations.contiguous(), attention_weights.contiguous(),
+        grad_output.contiguous()))
+
+
+@_ms_deform_attn_backward_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+      grad_output):
+    return (torch.empty_like(value), torch.empty_like(sampling_locations),
+            torch.empty_like(attention_weights))
+
+
+def _ms_deform_attn_op_backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, locations, weights = ctx.saved_tensors
+    if _ext_for(value.device) is not None:
+        grad_value, grad_loc, grad_attn = torch.ops.detrkd.ms_deform_attn_backward(
+            value, spatial_shapes, level_start_index, locations, weights, grad_output)
+    else:  # differentiate the fallback (here, above the op, autograd can record it)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+            out = ms_deform_attn_fallback(leaves[0], spatial_shapes, leaves[1], leaves[2])
+            grad_value, grad_loc, grad_attn = torch.autograd.grad(out, leaves, grad_output)
+    return grad_value, None, None, grad_loc, grad_attn
+
+
+_ms_deform_attn_op.register_autograd(_ms_deform_attn_op_backward,
+                                     setup_context=_ms_deform_attn_op_setup)
+
+
+def ms_deform_attn_traceable(value, spatial_shapes, level_start_index, sampling_locations,
+                             attention_weights, spatial_shapes_list=None):
+    """``ms_deform_attn`` for tracing: the same contract, no checks that read tensor values.
+    ``spatial_shapes_list`` (the levels' (H, W) as ints) is needed by the "grid_sample" form."""
+    impl = _TRACE_IMPL or ("grid_sample" if torch.jit.is_tracing() else "op")
+    if impl == "op":
+        return torch.ops.detrkd.ms_deform_attn(value, spatial_shapes, level_start_index,
+                                               sampling_locations, attention_weights)
+    if spatial_shapes_list is None:
+        raise ValueError("the grid_sample formulation under tracing needs spatial_shapes_list, "
+                         "the levels' (H, W) as Python ints")
+    return ms_deform_attn_fallback(value, spatial_shapes_list, sampling_locations,
+                                   attention_weights)
+
+
+# ------------------------------------------------------------------------------------------
+# RoIAlign as two matrix products (G-DetKD's region features)
+# ------------------------------------------------------------------------------------------
+# Not one of the four DETR ops above: a single pure-PyTorch backend, held equal to
+# torchvision.ops.roi_align(aligned=True) in value and feature gradient (tests/test_roi_align.py).
+
+__all__ += ["roi_align_separable"]
+
+
+def _axis_weights(start, bin_size, grid, size, out_size):
+    """1-D RoIAlign weights along one axis: (R,out_size,size), row p holding the mean over the
+    bin's ``grid`` samples of each sample's two linear-interpolation weights, with torchvision's
+    border rules (a sample beyond [-1, size] counts 0; below 0 it reads cell 0; at or beyond
+    size - 1 it reads cell size - 1). start, bin_size (R,) in feature-map pixels."""
+    p = torch.arange(out_size, device=start.device, dtype=start.dtype)
+    i = torch.arange(grid, device=start.device, dtype=start.dtype)
+    coord = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
+             + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid)      # (R,out,grid)
+    inside = ((coord >= -1.0) & (coord <= size)).to(coord.dtype)
+    coord = coord.clamp(min=0.0)
+    low = coord.floor().long()
+    edge = low >= size - 1
+    low = torch.where(edge, torch.full_like(low, size - 1), low)
+    high = torch.where(edge, low, low + 1)
+    frac = torch.where(edge, torch.zeros_like(coord), coord - low.to(coord.dtype))
+    w = torch.zeros(len(start), out_size, size, device=start.device, dtype=start.dtype)
+    w.scatter_add_(2, low, (1.0 - frac) * inside / grid)
+    w.scatter_add_(2, high, frac * inside / grid)
+    return w
+
+
+def roi_align_separable(features, rois, output_size, spatial_scale, sampling_ratio):
+    """torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
+    aligned=True), computed as two matrix products per image; the same function, and the
+    gradient to ``features`` is exact (no gradient to ``rois``, as in torchvision).
+
+    Why: RoIAlign samples a regular grid_h x grid_w grid of points in each bin and interpolates
+    bilinearly, and a bilinear weight is the product of a weight along y and one along x. So a
+    pooled RoI is A_y (s,H) @ F (C,H,W) @ A_x^T (W,s), where row p of A_y averages the
+    y-weights of bin p's samples (``_axis_weights``). torchvision's CPU backward recomputes
+    every sample's interpolation for every channel, one channel at a time. At our shapes
+    (hundreds of RoIs on small maps) that backward was the largest single cost of a G-DetKD
+    training step on the CPU. The products here are matrix multiplications
+    (bench/RESULTS.md section 5 has the timings).
+    features (B,C,H,W), rois (R,5) [batch index, x1, y1, x2, y2] in image pixels, sampling_ratio
+    > 0 (torchvision's adaptive -1 is not supported) -> (R,C,s,s)."""
+    if sampling_ratio <= 0:
+        raise ValueError(f"roi_align_separable needs sampling_ratio > 0, got {sampling_ratio}")
+    B, C, H, W = features.shape
+    s = output_size
+    with torch.no_grad():
+        r = rois.to(features.dtype)
+        x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5   # aligned=True
+        x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
+        a_y = _axis_weights(y1, (y2 - y1) / s, sampling_ratio, H, s)          # (R,s,H)
+        a_x = _axis_weights(x1, (x2 - x1) / s, sampling_ratio, W, s)          # (R,s,W)
+        image = rois[:, 0].long()
+    pieces, order = [features.new_zeros(0, C, s, s)], [image.new_zeros(0)]
+    for b in range(B):
+        sel = (image == b).nonzero().flatten()
+        if len(sel) == 0:
+            continue
+        n = len(sel)
+        f = features[b].permute(1, 0, 2).reshape(H, C * W)                  # (H,C*W)
+        t = (a_y[sel].reshape(n * s, H) @ f).view(n, s, C, W)                # (n,s_y,C,W)
+        pooled = t @ a_x[sel].transpose(1, 2)[:, None]                       # (n,s_y,C,s_x)
+        pieces.append(pooled.permute(0, 2, 1, 3))                             # (n,C,s_y,s_x)
+        order.append(sel)
+    order = torch.cat(order)
+    if len(order) != len(rois):
+        raise ValueError(f"rois hold batch indices outside [0, {B}): "
+                         f"{sorted(set(image.tolist()) - set(range(B)))}")
+    return torch.cat(pieces)[torch.argsort(order)]                           # (R,C,s,s)
 
 
 if __name__ == "__main__":

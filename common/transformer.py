@@ -36,21 +36,27 @@ __all__ = ["MLP", "inverse_sigmoid", "MSDeformAttn", "ConditionalAttention", "En
 
 
 def inverse_sigmoid(x, eps=1e-5):
-    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (official helper)."""
+    """log(x / (1 - x)) with x clamped to [0, 1] and both terms to >= eps (official helper).
+
+    eps is the official repository's: 1e-5 in DETR, Conditional DETR and Deformable DETR,
+    1e-3 in DAB-DETR and DINO (their util/misc.py). It decides the logit of a reference at 0 or 1
+    (a padded proposal, a tiny or border box): log(1 / eps) is 11.5 against 6.9."""
     x = x.clamp(min=0, max=1)
     return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
-def box_from(delta, reference):
-    """Box head output relative to a reference (all variants): sigmoid(delta + logit(ref)).
+def box_from(delta, reference, eps=1e-5):
+    """Box head output relative to a reference (all variants): sigmoid(delta + logit(ref)),
+    logit = ``inverse_sigmoid(., eps)`` with the variant's eps.
 
     delta (…,4); reference None (DETR: the box is predicted directly), (…,2) (a point: only
     cx, cy are offset, w and h are predicted directly) or (…,4) (an anchor box)."""
     if reference is None:
         return delta.sigmoid()
     if reference.shape[-1] == 4:
-        return (delta + inverse_sigmoid(reference)).sigmoid()
-    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+        return (delta + inverse_sigmoid(reference, eps)).sigmoid()
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference, eps), delta[..., 2:]],
+                     -1).sigmoid()
 
 
 class MLP(nn.Module):
@@ -145,8 +151,13 @@ class MSDeformAttn(nn.Module):
         # fp32 island under autocast (as DINO does): the op wants one dtype, and sampling
         # locations lose precision in half (steps of ~1/2000 of a map, specs sec. 6.6)
         dtype = torch.promote_types(value.dtype, loc.dtype)
-        out = ops.ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index,
-                                 loc.to(dtype), weights.to(dtype))  # (B,Q,D)
+        if ops.tracing():  # torch.export / jit.trace: no checks that read tensor values
+            out = ops.ms_deform_attn_traceable(value.to(dtype), spatial_shapes, level_start_index,
+                                               loc.to(dtype), weights.to(dtype),
+                                               spatial_shapes_list)  # (B,Q,D)
+        else:
+            out = ops.ms_deform_attn(value.to(dtype), spatial_shapes, level_start_index,
+                                     loc.to(dtype), weights.to(dtype))  # (B,Q,D)
         return self.output_proj(out.to(value.dtype)), loc, weights
 
 
@@ -461,8 +472,10 @@ class ConditionalDecoder(nn.Module):
     undetached anchor from layer i-1, so layer i's box loss reaches layer i-1's box delta.
     """
 
-    def __init__(self, layer_kwargs, num_layers, d_model, anchor_dim=2, modulate_hw_attn=False):
+    def __init__(self, layer_kwargs, num_layers, d_model, anchor_dim=2, modulate_hw_attn=False,
+                 inverse_sigmoid_eps=1e-5):
         super().__init__()
+        self.eps = inverse_sigmoid_eps  # 1e-5 Conditional DETR, 1e-3 DAB-DETR
         self.layers = nn.ModuleList(ConditionalDecoderLayer(**layer_kwargs, is_first=(i == 0))
                                     for i in range(num_layers))
         self.norm = nn.LayerNorm(d_model)
@@ -501,11 +514,11 @@ class ConditionalDecoder(nn.Module):
             hs = self.norm(tgt)
             out["hs_raw"].append(tgt), out["hs"].append(hs), out["query_pos"].append(query_pos)
             out["refs_in"].append(ref_for_head)
-            out["boxes"].append(box_from(bbox_embed[lid](hs), ref_for_head))
+            out["boxes"].append(box_from(bbox_embed[lid](hs), ref_for_head, self.eps))
             if attn is not None:
                 attn["cross_attn_weights"].append(w)
             if self.anchor_dim == 4:  # DAB iterative update from the un-normalised output
-                ref_for_head = box_from(bbox_embed[lid](tgt), reference)
+                ref_for_head = box_from(bbox_embed[lid](tgt), reference, self.eps)
                 reference = ref_for_head.detach()
         return _stack(out, attn)
 
@@ -524,10 +537,11 @@ class DeformableDecoder(nn.Module):
     *undetached* one, so layer i+1's box loss also trains layer i's box delta.
     """
 
-    def __init__(self, layer, num_layers, d_model, dino=False):
+    def __init__(self, layer, num_layers, d_model, dino=False, inverse_sigmoid_eps=1e-5):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
         self.dino = dino
+        self.eps = inverse_sigmoid_eps  # 1e-5 Deformable DETR, 1e-3 DINO
         self.norm = nn.LayerNorm(d_model) if dino else None
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2) if dino else None
         self.d_model = d_model
@@ -551,13 +565,13 @@ class DeformableDecoder(nn.Module):
                                    level_start_index, memory_padding_mask, self_attn_mask,
                                    spatial_shapes_list)
             hs = self.norm(tgt) if self.norm is not None else tgt
-            box = box_from(bbox_embed[lid](hs), ref_for_head)
+            box = box_from(bbox_embed[lid](hs), ref_for_head, self.eps)
             out["hs_raw"].append(tgt), out["hs"].append(hs), out["query_pos"].append(query_pos)
             out["refs_in"].append(ref_for_head), out["boxes"].append(box)
             if attn is not None:
                 attn["sampling_locations"].append(loc), attn["attention_weights"].append(attw)
             if self.dino:  # look forward twice
-                ref_for_head = box_from(bbox_embed[lid](tgt), reference)
+                ref_for_head = box_from(bbox_embed[lid](tgt), reference, self.eps)
                 reference = ref_for_head.detach()
             elif refine:  # Deformable: detached, and the head predicts from the detached input
                 reference = ref_for_head = box.detach()
@@ -598,7 +612,7 @@ def encoder_proposals(memory, padding_mask, spatial_shapes_list):
 # ------------------------------------------------------------------------------------------
 
 def prepare_cdn(targets, dn_number, label_noise_ratio, box_noise_scale, num_classes, num_queries,
-                label_enc: nn.Embedding):
+                label_enc: nn.Embedding, inverse_sigmoid_eps=1e-3):
     """Contrastive denoising queries for a batch (training only).
 
     Each of ``G = dn_number // max_gt`` groups (at least 1; ``dn_number`` counts positive and
@@ -609,6 +623,8 @@ def prepare_cdn(targets, dn_number, label_noise_ratio, box_noise_scale, num_clas
     (negatives). Returns content (B,N,D) = label_enc(label), reference (B,N,4) in [0,1],
     attn_mask (N+Q, N+Q) bool (True = blocked: matching queries cannot see DN queries, DN groups
     cannot see each other) and meta {"num_dn_queries", "num_groups", "pad_size", "positive"}.
+    The noised boxes become anchors through inverse_sigmoid with DINO's eps 1e-3, so a corner
+    clamped to 0 or 1 gives the anchor sigmoid(log(1 / 1e-3)) = 0.999, as official.
     """
     device = label_enc.weight.device
     B = len(targets)
@@ -645,7 +661,8 @@ def prepare_cdn(targets, dn_number, label_noise_ratio, box_noise_scale, num_clas
         slot = torch.cat([slot + single_pad * i for i in range(2 * groups)]).to(device)
         batch_idx = batch_idx.repeat(2 * groups).to(device)
         content = content.index_put((batch_idx, slot), label_enc(known_labels))
-        ref_logit = ref_logit.index_put((batch_idx, slot), inverse_sigmoid(known_boxes))
+        ref_logit = ref_logit.index_put((batch_idx, slot),
+                                        inverse_sigmoid(known_boxes, inverse_sigmoid_eps))
     reference = ref_logit.sigmoid()  # the decoder works in [0,1]; logit 0 -> 0.5 as official
 
     size = N + num_queries

@@ -10,7 +10,9 @@
 //   * a box's area is max(x2 - x1, 0) * max(y2 - y1, 0), so zero-size boxes have area 0;
 //   * IoU = inter / max(union, tiny) and GIoU = IoU - (hull - union) / max(hull, tiny), with tiny
 //     the smallest normal number of T: zero-size boxes give finite values (IoU 0, and GIoU 0 for
-//     two identical points, -1 for disjoint zero-area boxes).
+//     two identical points, -1 for disjoint zero-area boxes);
+//   * a box with a NaN coordinate has a NaN area, so its IoU, GIoU and matching costs are NaN
+//     (the clamps keep NaN, see dk_min), and linear_sum_assignment then refuses the cost.
 #pragma once
 
 #include <cmath>
@@ -24,13 +26,24 @@ namespace detrkd {
 // ---------------------------------------------------------------------------------------------
 // Small helpers. min/max are written as comparisons (not fminf/fmaxf) so that the CPU compiler
 // maps them to single vector instructions inside vectorized loops.
+//
+// NaN: a comparison with NaN is false, so these return their FIRST argument when either is NaN.
+// Every clamp below passes the computed value first (dk_max(x2 - x1, 0), dk_min(x, 88)), so a NaN
+// input stays NaN through it, as in the fallback's torch.clamp / torch.maximum, instead of being
+// clamped into a finite number that would look like a real cost. (Same instruction count: x86's
+// minps/maxps return their second operand on NaN, and the compiler just swaps the operands.)
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-DETRKD_HD T dk_min(T a, T b) { return a < b ? a : b; }
+DETRKD_HD T dk_min(T a, T b) { return b < a ? b : a; }
 
 template <typename T>
-DETRKD_HD T dk_max(T a, T b) { return a > b ? a : b; }
+DETRKD_HD T dk_max(T a, T b) { return b > a ? b : a; }
+
+// `result`, or NaN when x is NaN or infinite: x - x is 0 for every finite x and NaN otherwise.
+// For results of bit-level arithmetic (fast_log below) that cannot carry a NaN by themselves.
+template <typename T>
+DETRKD_HD T keep_nan(T result, T x) { return result + (x - x); }
 
 DETRKD_HD float dk_abs(float a) { return fabsf(a); }
 DETRKD_HD double dk_abs(double a) { return fabs(a); }
@@ -106,8 +119,9 @@ DETRKD_HD float fast_exp_in_range(float x) {
   return p * int_bits_as_float(static_cast<int32_t>(two_n));
 }
 
-// exp(x) for any x: clamped to [-87, 88], so the result is always a finite normal float (for
-// x < -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0).
+// exp(x) for any x: clamped to [-87, 88], so the result is a finite normal float (for x < -87 it
+// returns exp(-87) ~ 1.6e-38 instead of a denormal or 0); NaN for a NaN x (the clamps keep it,
+// and the polynomial carries it through).
 DETRKD_HD float fast_exp(float x) { return fast_exp_in_range(dk_max(dk_min(x, 88.0f), -87.0f)); }
 
 // log(x) for a positive normal float x (all callers guarantee it). Write x = m * 2^e with m in
@@ -117,6 +131,8 @@ DETRKD_HD float fast_exp(float x) { return fast_exp_in_range(dk_max(dk_min(x, 88
 // (a fitted cubic in s^2 replaces the series: relative error 1.6e-9), and log(x) = e ln 2 + log(m)
 // (e ln 2 in one rounding: float(ln 2) is off by 3e-9 relative, far below an ulp of the sum).
 // Max error over all positive normal floats: 2.7 ulp, near x = 1.28 (from rounding s).
+// It reads only x's bits: for a NaN x it returns a finite number. Callers whose argument can be
+// NaN wrap the result in keep_nan.
 constexpr int32_t kSqrtHalfBits = 0x3f3504f3;  // bits of the float sqrt(1/2)
 DETRKD_HD float fast_log(float x) {
   const int32_t shifted = float_bits_as_int(x) - kSqrtHalfBits;
@@ -187,14 +203,15 @@ DETRKD_HD T l1_distance(T acx, T acy, T aw, T ah, T bcx, T bcy, T bw, T bh) {
 // Class costs
 // ---------------------------------------------------------------------------------------------
 
-// base^gamma for base > 0. gamma = 2 (every DETR in this project) is a compile-time choice, one
-// multiplication; the CPU kernel picks it outside its vector loop, which must stay branch-free.
+// base^gamma for base > 0 (or NaN: then NaN). gamma = 2 (every DETR in this project) is a
+// compile-time choice, one multiplication; the CPU kernel picks it outside its vector loop, which
+// must stay branch-free.
 template <bool kSquareGamma, typename T>
 DETRKD_HD T focal_power(T base, T gamma) {
   if constexpr (kSquareGamma) {
     return base * base;
   } else {
-    return dk_exp(gamma * dk_log(base));
+    return keep_nan(dk_exp(gamma * dk_log(base)), base);
   }
 }
 
@@ -206,7 +223,8 @@ DETRKD_HD T focal_power(T base, T gamma) {
 // 1 - p is computed as e / (1 + e) with e = exp(-x), not by subtraction, so it keeps its
 // relative precision when p is close to 1; e is clamped to exp(+-80) so that p and 1 - p are
 // positive normal floats (their eps-shifted logs are unaffected: p < 2e-35 is far below 1e-8).
-// kSquareGamma: the caller promises gamma == 2.
+// kSquareGamma: the caller promises gamma == 2. A NaN logit gives a NaN cost (the clamps keep
+// it, see dk_min); an infinite one a finite cost, as in the fallback.
 template <bool kSquareGamma, typename T>
 DETRKD_HD T focal_class_cost(T x, T alpha, T gamma) {
   const T e = dk_exp_in_range(dk_max(dk_min(-x, T(80)), T(-80)));
@@ -222,6 +240,14 @@ DETRKD_HD T focal_class_cost(T x, T alpha, T gamma) {
 template <typename T>
 DETRKD_HD T softmax_class_cost(T x, T logsumexp) {
   return -dk_exp(x - logsumexp);
+}
+
+// A query's logsumexp over its logits from their maximum mx and sum = sum_c exp(x_c - mx):
+// mx + log(sum). NaN when a logit is NaN (its term makes sum NaN), so that every class cost of
+// that query is NaN, as softmax's is in the fallback.
+template <typename T>
+DETRKD_HD T logsumexp_from(T mx, T sum) {
+  return keep_nan(mx + dk_log(sum), sum);
 }
 
 // The DETR matching cost of one (query, target) pair (Carion et al., arXiv:2005.12872, sec. 3.1):

@@ -221,7 +221,7 @@ void match_cost_block(const scalar_t* logits, const scalar_t* boxes, int64_t R, 
       scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t c = 0; c < C; ++c) sum += dk_exp(x[c] - mx);
-      lse[r] = mx + dk_log(sum);
+      lse[r] = logsumexp_from(mx, sum);  // NaN if a logit is NaN
     }
     for (int64_t u = 0; u < U; ++u) {
       scalar_t* g = G + u * Rp;

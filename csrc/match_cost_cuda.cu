@@ -76,7 +76,7 @@ __global__ void match_cost_kernel(const scalar_t* __restrict__ logits,      // (
     mx = warp_max(mx);
     acc_t sum = 0;
     for (int64_t c = lane; c < C; c += kWarp) sum += dk_exp(static_cast<acc_t>(logit[c]) - mx);
-    lse = mx + dk_log(warp_sum(sum));
+    lse = logsumexp_from(mx, warp_sum(sum));  // NaN if a logit is NaN
   }
 
   // The prediction's box, converted once per lane (4 loads, cached).

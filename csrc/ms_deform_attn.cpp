@@ -17,6 +17,9 @@ namespace {
 
 using detrkd::msda::bilinear_corners;
 using detrkd::msda::bilinear_taps;
+using detrkd::msda::outside_point_grads;
+using detrkd::msda::tap_weight;
+using detrkd::msda::zero_dot_term;
 using detrkd::msda::Taps;
 using detrkd::msda::Corners;
 
@@ -98,13 +101,19 @@ Dims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                 "value must be float32 or float64 on CPU, got ", value.scalar_type());
     const int64_t* shp = spatial_shapes.data_ptr<int64_t>();
     const int64_t* start = level_start_index.data_ptr<int64_t>();
-    int64_t rows = 0;
+    int64_t rows = 0;  // <= S throughout
     for (int64_t l = 0; l < d.L; ++l) {
-      TORCH_CHECK(shp[2 * l] >= 0 && shp[2 * l + 1] >= 0, "spatial_shapes[", l,
-                  "] must be non-negative (H, W), got (", shp[2 * l], ", ", shp[2 * l + 1], ")");
+      const int64_t h = shp[2 * l], w = shp[2 * l + 1];
+      TORCH_CHECK(h >= 0 && w >= 0, "spatial_shapes[", l, "] must be non-negative (H, W), got (",
+                  h, ", ", w, ")");
       TORCH_CHECK(start[l] == rows, "level_start_index[", l, "] must be ", rows,
                   " (the exclusive cumulative sum of H*W), got ", start[l]);
-      rows += shp[2 * l] * shp[2 * l + 1];
+      // H * W <= S - rows, tested by division: the product itself can wrap around int64
+      // ((2^32, 2^32) would count as 0 cells and pass, then index far outside value)
+      TORCH_CHECK(h == 0 || w <= (d.S - rows) / h, "value has S=", d.S,
+                  " rows but spatial_shapes need more: level ", l, " (H, W) = (", h, ", ", w,
+                  ") does not fit in the ", d.S - rows, " rows after the levels before it");
+      rows += h * w;
     }
     TORCH_CHECK(rows == d.S, "value has S=", d.S, " rows but spatial_shapes sum to ", rows);
   }
@@ -179,15 +188,16 @@ void forward_cpu(const Dims& d, const scalar_t* value, const int64_t* shapes,
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const Taps<scalar_t, int64_t> t = bilinear_taps(xy[2 * j], xy[2 * j + 1], lh[j], lw[j]);
-        // corner c of point j at rows[c * LP + j]; row -1 and weight 0 outside the map
+        // corner c of point j at rows[c * LP + j]; row -1 and weight 0 outside the map (NaN
+        // for a NaN location or attention weight, which the sample must keep: tap_weight)
         R0[j] = t.in0 ? t.row0 : -1;
         R1[j] = t.in1 ? t.row1 : -1;
         R2[j] = t.in2 ? t.row2 : -1;
         R3[j] = t.in3 ? t.row3 : -1;
-        A0[j] = t.in0 ? a[j] * t.w0 : scalar_t(0);
-        A1[j] = t.in1 ? a[j] * t.w1 : scalar_t(0);
-        A2[j] = t.in2 ? a[j] * t.w2 : scalar_t(0);
-        A3[j] = t.in3 ? a[j] * t.w3 : scalar_t(0);
+        A0[j] = a[j] * tap_weight(t.in0, t.w0);
+        A1[j] = a[j] * tap_weight(t.in1, t.w1);
+        A2[j] = a[j] * tap_weight(t.in2, t.w2);
+        A3[j] = a[j] * tap_weight(t.in3, t.w3);
       }
       const int64_t* R = rows.data();
       const scalar_t* A = weights.data();
@@ -229,7 +239,7 @@ struct BackwardTap {
   scalar_t* gv[4];       // the same rows of grad_value (a scratch row outside the map)
   Corners<scalar_t> k;   // bilinear weights and their derivatives
   scalar_t a;            // attention weight
-  bool any;              // false: the point is wholly outside the map (zero gradients)
+  bool any;              // false: no corner inside the map (outside_point_grads)
 };
 
 // Backward, without atomics. For every sample point, with g = grad_out[b, q, h, :]:
@@ -294,11 +304,19 @@ void backward_cpu(const Dims& d, const scalar_t* value, const int64_t* shapes,
         BackwardTap<scalar_t>* tap = taps.data() + (j & 1) * LP;
         if (j + 1 < d.Q * nh) gather(item(j + 1), taps.data() + ((j + 1) & 1) * LP);
         const scalar_t* g = grad_out + bqh * Dh;  // (Dh,)
+        scalar_t g_zero = 0;      // <g, 0>: 0, or NaN if g has a NaN or inf
+        bool have_g_zero = false;  // computed on the item's first point outside the map
         for (int64_t i = 0; i < LP; ++i) {
           const BackwardTap<scalar_t>& t = tap[i];
           const int64_t pt = bqh * LP + i;
-          if (!t.any) {
-            grad_attn[pt] = grad_loc[2 * pt] = grad_loc[2 * pt + 1] = scalar_t(0);
+          if (!t.any) {  // zero gradients, or NaN as grid_sample's (outside_point_grads)
+            if (!have_g_zero) {
+#pragma omp simd reduction(+ : g_zero)
+              for (int64_t c = 0; c < Dh; ++c) g_zero += zero_dot_term(g[c]);
+              have_g_zero = true;
+            }
+            outside_point_grads(t.k, g_zero, t.a, grad_attn[pt], grad_loc[2 * pt],
+                                grad_loc[2 * pt + 1]);
             continue;
           }
           const Corners<scalar_t>& k = t.k;

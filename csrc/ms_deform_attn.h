@@ -11,7 +11,8 @@
 //     w_00 = (1 - fy)(1 - fx),  w_01 = (1 - fy) fx,  w_10 = fy (1 - fx),  w_11 = fy fx
 // with h0 = floor(py), w0 = floor(px), fy = py - h0, fx = px - w0. A corner outside the map reads
 // zero (grid_sample's padding_mode='zeros'), so a point beyond (-1, W) x (-1, H) samples zero and
-// has zero gradient. The derivatives of the corner weights, used for the location gradient:
+// has zero gradient (NaN and infinite locations: NaN, see below). The derivatives of the corner
+// weights, used for the location gradient:
 //     dw_00/dpx = -(1 - fy),  dw_01/dpx = (1 - fy),  dw_10/dpx = -fy,  dw_11/dpx = fy
 //     dw_00/dpy = -(1 - fx),  dw_01/dpy = -fx,       dw_10/dpy = (1 - fx), dw_11/dpy = fx
 // and d/dx = W d/dpx, d/dy = H d/dpy.
@@ -41,10 +42,10 @@ struct Corners {
   acc_t dweight_dy[4];
 };
 
-// floor(v) as an index, for the pixel coordinates corner_taps sees (in [-1, W) and [-1, H), far
-// inside the integer range). On the GPU floorf is one instruction. On the CPU the int cast
-// truncates toward zero and negative non-integers step down by one: the same values, in a form
-// that vectorizes under the default -ftrapping-math (floor() does not).
+// floor(v) as an index, for the pixel coordinates bilinear_taps sees (clamped into [-1, W] and
+// [-1, H], far inside the integer range). On the GPU floorf is one instruction. On the CPU the
+// int cast truncates toward zero and negative non-integers step down by one: the same values, in
+// a form that vectorizes under the default -ftrapping-math (floor() does not).
 template <typename index_t, typename acc_t>
 DETRKD_HD index_t floor_to_index(acc_t v) {
 #ifdef __CUDA_ARCH__
@@ -57,6 +58,18 @@ DETRKD_HD index_t floor_to_index(acc_t v) {
 
 // The pieces of one bilinear sample, shared by bilinear_corners (CUDA kernels, CPU backward)
 // and bilinear_taps (CPU forward), so that both compute the same values.
+//
+// NaN and infinite locations follow grid_sample (the fallback, which is grid_sample): such a
+// point samples NaN whatever the values; no value row is read for it and grad_value gets nothing
+// from it; its attention weight's gradient is NaN, and so is its location gradient along each
+// axis whose weights depend on a NaN fraction (a NaN x makes fx NaN, hence dw_c/dpy and grad_y;
+// dw_c/dpx involves only fy, so grad_x stays 0, as grid_sample's does). The kernels get this
+// without branches: such a point fails the in-map test (every comparison with NaN is false), its
+// pixel coordinates are clamped to a safe place before floor() and the int cast, and its
+// fractions fx, fy get x - x and y - y added (0 for a finite coordinate, NaN for a NaN or
+// infinite one), so the corner weights and their derivatives are NaN exactly where grid_sample's
+// are. Huge but finite locations are ordinary points outside the map: zero sample, zero
+// gradients.
 
 // Pixel coordinates of the location (x, y) on a level of `height` x `width` cells, and whether
 // any corner can be inside the map: the point lies in [-1, W) x [-1, H). The test `px >= -1`
@@ -72,8 +85,8 @@ DETRKD_HD bool pixel_coords(acc_t x, acc_t y, index_t height, index_t width, acc
          (py < static_cast<acc_t>(height));
 }
 
-// The four corners of a sample at pixel coordinates inside [-1, W) x [-1, H) (pixel_coords):
-// their rows (h * W + w; meaningless for corners outside), which are inside the map, their
+// The four corners of one sample: their rows (h * W + w; meaningless for corners outside),
+// which are inside the map (all four false for a point outside [-1, W) x [-1, H)), their
 // bilinear weights, and the fractional parts fx, fy (for the derivatives). Scalar fields, not
 // arrays, so that a loop over points keeps them in vector registers.
 template <typename acc_t, typename index_t>
@@ -84,31 +97,50 @@ struct Taps {
   acc_t fx, fy;
 };
 
+// The taps of the location (x, y), without branches, so that a loop over points vectorizes.
 template <typename acc_t, typename index_t>
-DETRKD_HD Taps<acc_t, index_t> corner_taps(acc_t px, acc_t py, index_t height, index_t width) {
+DETRKD_HD Taps<acc_t, index_t> bilinear_taps(acc_t x, acc_t y, index_t height, index_t width) {
+  acc_t px, py;
+  const bool any = pixel_coords(x, y, height, width, px, py);
+  // Clamped into [-1, W] x [-1, H] (a NaN fails the comparison and becomes -1), so that floor()
+  // and the int cast never see huge or NaN values; this changes nothing for a point inside,
+  // whose taps are the ones used.
+  px = px > acc_t(-1) ? px : acc_t(-1);
+  px = px < static_cast<acc_t>(width) ? px : static_cast<acc_t>(width);
+  py = py > acc_t(-1) ? py : acc_t(-1);
+  py = py < static_cast<acc_t>(height) ? py : static_cast<acc_t>(height);
   Taps<acc_t, index_t> t;
   const index_t w0 = floor_to_index<index_t>(px), h0 = floor_to_index<index_t>(py);
-  t.fx = px - static_cast<acc_t>(w0), t.fy = py - static_cast<acc_t>(h0);  // in [0, 1)
+  // in [0, 1); NaN for a NaN or infinite coordinate (x - x, see above)
+  t.fx = (px - static_cast<acc_t>(w0)) + (x - x);
+  t.fy = (py - static_cast<acc_t>(h0)) + (y - y);
   const acc_t gx = acc_t(1) - t.fx, gy = acc_t(1) - t.fy;
-  const bool in_w0 = w0 >= 0, in_w1 = w0 + 1 < width;  // w0 < width holds since px < width
+  const bool in_w0 = w0 >= 0, in_w1 = w0 + 1 < width;  // w0 < width holds where any does
   const bool in_h0 = h0 >= 0, in_h1 = h0 + 1 < height;
-  t.in0 = in_h0 & in_w0, t.in1 = in_h0 & in_w1, t.in2 = in_h1 & in_w0, t.in3 = in_h1 & in_w1;
+  t.in0 = any & in_h0 & in_w0, t.in1 = any & in_h0 & in_w1;
+  t.in2 = any & in_h1 & in_w0, t.in3 = any & in_h1 & in_w1;
   t.row0 = h0 * width + w0, t.row1 = t.row0 + 1;
   t.row2 = (h0 + 1) * width + w0, t.row3 = t.row2 + 1;
   t.w0 = gy * gx, t.w1 = gy * t.fx, t.w2 = t.fy * gx, t.w3 = t.fy * t.fx;
   return t;
 }
 
-// Fills `k` for the location (x, y) on a level of `height` x `width` cells. Returns false (and
-// leaves `k` untouched) when no corner is inside the map: the sample and its gradients are zero.
+// The weight a corner enters the sample with: its bilinear weight w when the corner is inside
+// the map, else w * 0, which is 0, or NaN for a NaN or infinite location. (A corner outside reads
+// a row of zeros, or is skipped; this keeps the point's NaN either way: 0 * NaN is NaN.)
+template <typename acc_t>
+DETRKD_HD acc_t tap_weight(bool in, acc_t w) {
+  return in ? w : w * acc_t(0);
+}
+
+// Fills `k` for the location (x, y) on a level of `height` x `width` cells: rows (-1 for
+// corners outside the map), weights and their derivatives, NaN for a NaN or infinite location.
+// Returns whether any corner is inside the map; when none is, the sample is zero and its
+// gradients are those of outside_point_grads.
 template <typename acc_t, typename index_t>
 DETRKD_HD bool bilinear_corners(acc_t x, acc_t y, index_t height, index_t width,
                                 Corners<acc_t, index_t>& k) {
-  acc_t px, py;
-  if (!pixel_coords(x, y, height, width, px, py)) {
-    return false;  // also keeps floor() of huge or NaN coordinates away from the int cast
-  }
-  const Taps<acc_t, index_t> t = corner_taps(px, py, height, width);
+  const Taps<acc_t, index_t> t = bilinear_taps(x, y, height, width);
   k.row[0] = t.in0 ? t.row0 : index_t(-1);
   k.row[1] = t.in1 ? t.row1 : index_t(-1);
   k.row[2] = t.in2 ? t.row2 : index_t(-1);
@@ -124,26 +156,7 @@ DETRKD_HD bool bilinear_corners(acc_t x, acc_t y, index_t height, index_t width,
   k.dweight_dy[1] = -t.fx * H;
   k.dweight_dy[2] = gx * H;
   k.dweight_dy[3] = t.fx * H;
-  return true;
-}
-
-// The forward's view of one sample point, without branches, so that a loop over points
-// vectorizes: the corner taps with in_c false for corners outside the map (all four when the
-// point is wholly outside; its coordinates are then moved to a safe place before floor() and
-// the int cast, which huge or NaN values must not reach).
-template <typename acc_t, typename index_t>
-DETRKD_HD Taps<acc_t, index_t> bilinear_taps(acc_t x, acc_t y, index_t height, index_t width) {
-  acc_t px, py;
-  const bool any = pixel_coords(x, y, height, width, px, py);
-  // Clamped into [-1, W] x [-1, H] (a NaN fails the comparison and becomes -1); this changes
-  // nothing for a point inside, whose taps are the ones used.
-  px = px > acc_t(-1) ? px : acc_t(-1);
-  px = px < static_cast<acc_t>(width) ? px : static_cast<acc_t>(width);
-  py = py > acc_t(-1) ? py : acc_t(-1);
-  py = py < static_cast<acc_t>(height) ? py : static_cast<acc_t>(height);
-  Taps<acc_t, index_t> t = corner_taps(px, py, height, width);
-  t.in0 = t.in0 & any, t.in1 = t.in1 & any, t.in2 = t.in2 & any, t.in3 = t.in3 & any;
-  return t;
+  return t.in0 | t.in1 | t.in2 | t.in3;
 }
 
 // Location and weight gradients of one sample point from the per-corner dot products
@@ -163,6 +176,25 @@ DETRKD_HD void point_grads(const Corners<acc_t, index_t>& k, const acc_t dot[4],
   grad_attn = ga;
   grad_x = attn * gx;
   grad_y = attn * gy;
+}
+
+// <g, 0> for the upstream gradient g of a query-head: 0, or NaN when g holds a NaN or inf.
+// Summed over this thread's channels of g; the parts add up like any dot product.
+template <typename acc_t>
+DETRKD_HD acc_t zero_dot_term(acc_t g) {
+  return g * acc_t(0);
+}
+
+// Gradients of a point with no corner inside the map: every corner reads zero, so
+// dot_c = <grad_out, 0> = g_zero (the sum of zero_dot_term over grad_out's channels) and
+// point_grads gives 0, except where grid_sample's gives NaN: a NaN or infinite location (NaN
+// weights or derivatives), a NaN or infinite attention weight (a * 0), a NaN or inf in grad_out.
+// The kernels take this path instead of the four corner loops, whose rows would all be zeros.
+template <typename acc_t, typename index_t>
+DETRKD_HD void outside_point_grads(const Corners<acc_t, index_t>& k, acc_t g_zero, acc_t attn,
+                                   acc_t& grad_attn, acc_t& grad_x, acc_t& grad_y) {
+  const acc_t dot[4] = {g_zero, g_zero, g_zero, g_zero};
+  point_grads(k, dot, attn, grad_attn, grad_x, grad_y);
 }
 
 }  // namespace msda

@@ -39,6 +39,10 @@
 // the host (that would synchronise). Each level is checked when read: a level whose rows
 // [start, start + H * W) do not lie inside value's S rows is skipped (it samples zero and gets
 // zero gradients), so a bad table can never make a kernel read or write outside the tensors.
+// NaN: a NaN or infinite sampling location (or attention weight) gives a NaN output, and the
+// gradients that grid_sample gives on the CPU, as the CPU kernels do (ms_deform_attn.h): corners
+// outside the map are skipped but still add w * 0 to the sample, and a point with no corner
+// inside takes outside_point_grads.
 // Types: float, double, half and bfloat16; arithmetic in at::opmath_type (float for the half
 // types). For the half types grad_value is accumulated in a float buffer and cast at the end.
 // Loops are grid-stride with a capped grid (backward_smem_kernel: one block per tile); every
@@ -59,7 +63,10 @@ namespace {
 
 using detrkd::msda::bilinear_corners;
 using detrkd::msda::Corners;
+using detrkd::msda::outside_point_grads;
 using detrkd::msda::point_grads;
+using detrkd::msda::tap_weight;
+using detrkd::msda::zero_dot_term;
 
 constexpr int kBlock = 256;          // threads per block, a multiple of 32
 constexpr int64_t kSmall = 1 << 30;  // below this many elements everywhere, index with int32
@@ -129,6 +136,7 @@ __global__ void __launch_bounds__(kBlock)
       bool has[NV];    // chunk j lies inside Dh (VEC divides Dh on the vector path)
       index_t ch_read[NV];  // ch[j] where has[j], else channel 0: a chunk that exists
       acc_t acc[NV][VEC];
+      acc_t outside = 0;  // what the skipped corners add: 0, or NaN (see tap_weight)
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
         ch[j] = c0 + (j * G + lane) * VEC;
@@ -167,8 +175,11 @@ __global__ void __launch_bounds__(kBlock)
           }
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
-            if (!valid[c]) continue;
-            const acc_t w = a * k.weight[c];
+            const acc_t w = a * tap_weight(valid[c], k.weight[c]);
+            if (!valid[c]) {  // reads zero: w * 0, which is NaN for a NaN location or weight
+              outside += w * acc_t(0);
+              continue;
+            }
 #pragma unroll
             for (int j = 0; j < NV; ++j) {
               if (!has[j]) continue;
@@ -183,7 +194,7 @@ __global__ void __launch_bounds__(kBlock)
         if (!has[j]) continue;
         pack_t o;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) o.v[e] = static_cast<scalar_t>(acc[j][e]);
+        for (int e = 0; e < VEC; ++e) o.v[e] = static_cast<scalar_t>(acc[j][e] + outside);
         *reinterpret_cast<pack_t*>(out + grp * n.Dh + ch[j]) = o;
       }
     }
@@ -315,6 +326,7 @@ __global__ void __launch_bounds__(kBlock)
     index_t ch[kHeld];
     bool has[kHeld];
     acc_t g[kHeld][VEC];  // this lane's grad_out channels (zero where not has)
+    acc_t g_zero = 0;     // this lane's part of <grad_out, 0>: 0, or NaN (outside_point_grads)
     if constexpr (NV > 0) {
 #pragma unroll
       for (int j = 0; j < NV; ++j) {
@@ -323,7 +335,16 @@ __global__ void __launch_bounds__(kBlock)
         Pack<scalar_t, VEC> gp;
         if (has[j]) gp = load_pack<VEC>(g_row + ch[j]);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) g[j][e] = has[j] ? static_cast<acc_t>(gp.v[e]) : acc_t(0);
+        for (int e = 0; e < VEC; ++e) {
+          g[j][e] = has[j] ? static_cast<acc_t>(gp.v[e]) : acc_t(0);
+          g_zero += zero_dot_term(g[j][e]);
+        }
+      }
+    } else if (active) {
+      for (index_t c = lane * VEC; c < n.Dh; c += G * VEC) {
+        const Pack<scalar_t, VEC> gp = load_pack<VEC>(g_row + c);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) g_zero += zero_dot_term(static_cast<acc_t>(gp.v[e]));
       }
     }
     for (index_t l = 0; l < n.L; ++l) {
@@ -334,12 +355,15 @@ __global__ void __launch_bounds__(kBlock)
       for (index_t p = 0; p < n.P; ++p) {
         const index_t pt = pt0 + p;
         Corners<acc_t, index_t> k;
+        const bool usable = active && level_ok;  // (k is filled only then)
         const bool any =
-            active && level_ok &&
+            usable &&
             bilinear_corners(static_cast<acc_t>(loc[2 * pt]), static_cast<acc_t>(loc[2 * pt + 1]),
                              lv.height, lv.width, k);
         acc_t ga = 0, gx = 0, gy = 0;  // this lane's share of grad_attn, grad_loc x and y
-        if (any) {
+        if (usable && !any) {  // no corner inside the map: 0, or NaN as grid_sample's
+          outside_point_grads(k, g_zero, static_cast<acc_t>(attn[pt]), ga, gx, gy);
+        } else if (any) {
           const acc_t a = static_cast<acc_t>(attn[pt]);
           index_t off[4];
           acc_t wa[4], dot[4];
@@ -461,11 +485,15 @@ __global__ void __launch_bounds__(kBlock, kSmemBlocksPerSM)
       const index_t ch = lane * VEC;
       const bool has = active && ch < n.Dh;  // this lane's chunk lies inside Dh
       acc_t g[VEC];                          // its grad_out channels (zero where not has)
+      acc_t g_zero = 0;  // this lane's part of <grad_out, 0>: 0, or NaN (outside_point_grads)
       {
         Pack<scalar_t, VEC> gp;
         if (has) gp = load_pack<VEC>(grad_out + grp * n.Dh + ch);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) g[e] = has ? static_cast<acc_t>(gp.v[e]) : acc_t(0);
+        for (int e = 0; e < VEC; ++e) {
+          g[e] = has ? static_cast<acc_t>(gp.v[e]) : acc_t(0);
+          g_zero += zero_dot_term(g[e]);
+        }
       }
       for (index_t l = 0; l < n.L; ++l) {
         Level<index_t> lv;
@@ -477,12 +505,15 @@ __global__ void __launch_bounds__(kBlock, kSmemBlocksPerSM)
         for (index_t p = 0; p < n.P; ++p) {
           const index_t pt = pt0 + p;
           Corners<acc_t, index_t> k;
-          const bool any = active && level_ok &&
+          const bool usable = active && level_ok;  // (k is filled only then)
+          const bool any = usable &&
                            bilinear_corners(static_cast<acc_t>(loc[2 * pt]),
                                             static_cast<acc_t>(loc[2 * pt + 1]), lv.height,
                                             lv.width, k);
           acc_t ga = 0, gx = 0, gy = 0;  // this lane's share of grad_attn, grad_loc x and y
-          if (any && has) {
+          if (usable && !any) {  // no corner inside the map: 0, or NaN as grid_sample's
+            outside_point_grads(k, g_zero, static_cast<acc_t>(attn[pt]), ga, gx, gy);
+          } else if (any && has) {
             const acc_t a = static_cast<acc_t>(attn[pt]);
             index_t off[4];
             acc_t wa[4], dot[4];

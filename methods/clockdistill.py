@@ -32,7 +32,8 @@ random label embedding and box MLP (4 -> 64 -> D) as query builder; every decode
     level (at least one cell), the smallest covering box sets S, padded cells get M = S = 0.
   - adapter: identity for equal widths, else a linear map of the student memory (= 1x1 conv).
   - target-aware queries: the GT box itself is the anchor (DAB-DETR, DINO) or reference (its
-    centre for Deformable DETR without box refinement / two-stage, and for Conditional DETR);
+    centre for Deformable DETR without box refinement / two-stage, and for Conditional DETR),
+    chosen for each model on its own (a refining teacher gets the box, a plain student the centre);
     the positional query comes from each model's own anchor path, or from the frozen box MLP
     where the model has none; no noise, one group; when teacher and student widths differ each
     width has its own frozen random builder (same label and box, different fixed projections).
@@ -40,11 +41,17 @@ random label embedding and box MLP (4 -> 64 -> D) as query builder; every decode
     all), because the model contract has no per-image query padding mask; the loss also takes a
     validity mask so padded layouts are handled.
   - L_tcld divides every term by sum(w) and sums L1 over the 4 coordinates (tcld_norm='prototype'
-    gives the prototype's mixed form); kd_cls='sigmoid_bce' is a per-class Bernoulli KL.
+    gives the prototype's mixed form); sum(w) is averaged over processes, as the detection loss's
+    box count, so N processes x batch b train like one process x batch N b (the prototype's
+    unnormalised class term is a sum and does not have this property); kd_cls='sigmoid_bce' is
+    a per-class Bernoulli KL.
   - class KD with the student in the prediction slot (the prototype's argument order sends no
     gradient to the student).
   - teacher layers for a shallower student: student layer i <-> teacher layer ceil((i+1) L_T/L_S)-1.
   - extra_random_queries: fixed random (label, box) points through the same builder.
+  - teacher_queries_through_student: the student decodes the teacher's queries at the teacher's
+    references (Conditional DETR: the teacher's reference points, not the student's own
+    ref_point_head applied to the teacher's positional queries).
 Pairs: same family, one of dab_detr, deformable_detr, dino ([abs]) and conditional_detr ([recon]).
 
 Measured on the embedded CPU data (bench/RESULTS.md section 5): with these defaults L_lcmd is
@@ -61,18 +68,20 @@ target-aware queries are.
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine  # noqa: E402
+from common import distill, engine, figures  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
@@ -260,16 +269,28 @@ def class_kd(logits_s, logits_t, tau, kd_cls="softmax_kl"):
     return kl * tau ** 2
 
 
-def tcld_layer(logits_s, boxes_s, logits_t, boxes_t, w, tau, kd_cls="softmax_kl", norm="project"):
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """A normaliser averaged over processes, as the detection loss's box count, so that N
+    processes x batch b train like one process x batch N b; the value itself alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
+def tcld_layer(logits_s, boxes_s, logits_t, boxes_t, w, tau, kd_cls="softmax_kl", norm="project",
+               total=None):
     """One decoder layer of L_tcld (spec C2.3) over N corresponding queries.
 
     logits (N,C), boxes (N,4) normalised cxcywh, w (N,) teacher confidence. Returns the
     unweighted (cls, L1, GIoU) terms; lambda_cls / L1 / GIoU live in the weight_dict.
         project:   sum w KL_c-sum / sum w,   sum w |db|_1 / sum w,   sum w (1 - GIoU) / sum w
         prototype: sum w KL_c-mean,          sum w mean_4 |db| / sum w, sum w (1 - GIoU) / sum w
+    ``total`` replaces sum w (tcld_loss passes it averaged over processes) [recon].
     """
     w = w.detach()
-    total = w.sum().clamp(min=1e-6)
+    total = (w.sum() if total is None else total).clamp(min=1e-6)
     kl = class_kd(logits_s, logits_t, tau, kd_cls)                       # (N,C)
     diff = (boxes_s - boxes_t.detach()).abs()                            # (N,4)
     # element-wise 1 - GIoU on corners; eps = smallest normal float as in common/criterion.py
@@ -293,7 +314,8 @@ def tcld_loss(logits_s, boxes_s, logits_t, boxes_t, valid=None, *, tau=10.0,
     logits_* (L,...,C), boxes_* (L,...,4): the same query layout in both models and the same
     number of layers L (pick the teacher's layers first); ``valid`` (...) bool marks the real
     query slots (padded slots are never read, whatever they hold). Returns a dict of the three
-    terms, each summed over layers."""
+    terms, each summed over layers. Each layer's sum w is averaged over processes (one
+    all-reduce, also on a process without queries), as the detection loss's box count [recon]."""
     if logits_s.shape != logits_t.shape or boxes_s.shape != boxes_t.shape:
         raise ValueError(f"student and teacher outputs differ in shape: logits "
                          f"{tuple(logits_s.shape)} vs {tuple(logits_t.shape)}, boxes "
@@ -309,11 +331,13 @@ def tcld_loss(logits_s, boxes_s, logits_t, boxes_t, valid=None, *, tau=10.0,
     logits_t, boxes_t = logits_t.reshape(L, -1, C).float(), boxes_t.reshape(L, -1, 4).float()
     zero = logits_s.sum() * 0.0  # keeps the keys (and the graph) when there is no query
     out = {"cls": zero, "bbox": zero, "giou": zero}
+    w = confidence_weight(logits_t) if conf_weight else torch.ones_like(logits_t[..., 0])  # (L,N)
+    totals = mean_over_processes(w.sum(1))                               # (L,) sum w per layer
     if logits_s.shape[1] == 0:
         return out
     for e in range(L):
-        w = confidence_weight(logits_t[e]) if conf_weight else torch.ones_like(logits_t[e, :, 0])
-        terms = tcld_layer(logits_s[e], boxes_s[e], logits_t[e], boxes_t[e], w, tau, kd_cls, norm)
+        terms = tcld_layer(logits_s[e], boxes_s[e], logits_t[e], boxes_t[e], w[e], tau, kd_cls,
+                           norm, totals[e])
         for k, v in zip(("cls", "bbox", "giou"), terms):
             out[k] = out[k] + v
     return out
@@ -325,21 +349,34 @@ def teacher_layers(num_student, num_teacher):
     return [math.ceil((i + 1) * num_teacher / num_student) - 1 for i in range(num_student)]
 
 
+def reference_form(model):
+    """How ``model`` takes a target-aware reference [recon] (C2.1, per model): 4 = the
+    whole GT box (the 4-D anchors of DAB-DETR and DINO; Deformable DETR with box refinement or
+    two-stage), 2 = its centre (Deformable DETR without them, Conditional DETR). Chosen for each
+    model on its own, as G-DetKD's RoI queries are, so a plain Deformable student gets points
+    even when its teacher refines boxes."""
+    if model.variant in ("dab_detr", "dino"):
+        return 4
+    if model.variant == "deformable_detr" and (model.cfg.with_box_refine or model.cfg.two_stage):
+        return 4
+    return 2
+
+
 class TargetQueryBuilder(nn.Module):
     """Frozen map (label, GT box) -> decoder queries of one model width D (spec C2.1). Never
     trained: the embedding and MLP are fixed random projections [proto]; built under no_grad.
 
     project (default) [recon]: content = Embedding(num_classes, D)(label); the reference is the
-        box (4-D anchors of DAB-DETR / DINO, Deformable with refinement / two-stage) or its centre
-        (other Deformable, Conditional DETR); pos = MLP 4 -> 64 -> D (inverse_sigmoid(box)) where
-        the model needs an explicit positional query, else None (its own anchor path).
+        GT box, cut per model by ``reference_form`` (the box for 4-D anchors, its centre for
+        2-D points); pos = MLP 4 -> 64 -> D (inverse_sigmoid(box)) where the model needs an
+        explicit positional query, else None (its own anchor path).
     prototype [proto]: content = [Embedding(num_classes + 1, D - 1)(label) | 1]; pos = the MLP;
         reference = sigmoid(Linear(D, 2)(pos)), a frozen random point (not the GT centre).
     """
 
-    def __init__(self, num_classes, D, variant, box_reference, prototype=False, label_weight=None):
+    def __init__(self, num_classes, D, variant, prototype=False, label_weight=None):
         super().__init__()
-        self.variant, self.box_reference, self.prototype = variant, box_reference, prototype
+        self.variant, self.prototype = variant, prototype
         self.needs_pos = variant in ("deformable_detr", "conditional_detr")
         if prototype:
             self.label_embed = nn.Embedding(num_classes + 1, D - 1)
@@ -354,13 +391,14 @@ class TargetQueryBuilder(nn.Module):
     @torch.no_grad()
     def forward(self, labels, boxes):
         """labels (N,) int64, boxes (N,4) cxcywh -> content (N,D), pos (N,D) or None,
-        reference (N,2|4)."""
+        reference (N,4) the GT box (project; ``reference_form`` cuts it per model) or (N,2) the
+        frozen random point (prototype)."""
         content = self.label_embed(labels)                               # (N,D) or (N,D-1)
         pos = self.box_mlp(inverse_sigmoid(boxes)) if self.box_mlp is not None else None
         if self.prototype:  # DN-DETR label encoding: a constant indicator channel
             content = torch.cat([content, torch.ones_like(content[:, :1])], -1)
             return content, pos, self.ref_point(pos).sigmoid()
-        return content, pos, (boxes if self.box_reference else boxes[:, :2])
+        return content, pos, boxes
 
 
 # ------------------------------------------------------------------------------------------
@@ -413,13 +451,12 @@ class CLoCKDistiller(nn.Module):
         if cfg.lcmd:
             self.weight_dict["loss_lcmd"] = cfg.lambda_lcmd
         if cfg.tcld:
-            box_ref = s.variant in ("dab_detr", "dino") or (s.variant == "deformable_detr" and any(
-                m.cfg.with_box_refine or m.cfg.two_stage for m in (t, s)))
             label_w = t.label_enc.weight if cfg.content_embed == "teacher_dn" else None
-            kw = dict(num_classes=num_classes, variant=s.variant, box_reference=box_ref,
+            kw = dict(num_classes=num_classes, variant=s.variant,
                       prototype=cfg.query_builder == "prototype", label_weight=label_w)
             self.builder_t = TargetQueryBuilder(D=Dt, **kw)
-            # equal widths: the very same tensors go to both decoders (spec C2.1)
+            # equal widths: the very same content and positional tensors go to both decoders
+            # (C2.1); the reference is cut to each model's form (box or centre)
             self.builder_s = self.builder_t if Ds == Dt else TargetQueryBuilder(D=Ds, **kw)
             n = cfg.extra_random_queries  # fixed random (label, box) points [proto][recon]
             self.register_buffer("extra_labels", torch.randint(0, num_classes, (n,)))
@@ -441,16 +478,18 @@ class CLoCKDistiller(nn.Module):
         return self
 
     # -- target-aware queries -------------------------------------------------------------
-    def target_queries(self, targets, builder):
+    def target_queries(self, targets, builder, model=None):
         """Per image, the Queries (batch of one) built from its GT, repeated ``groups`` times,
-        plus the fixed random points; all without grad_fn (spec C2.1)."""
+        plus the fixed random points, in the reference form of ``model`` (the teacher when
+        None): the GT box or its centre; all without grad_fn (spec C2.1)."""
+        dim = reference_form(self.teacher if model is None else model)
         out = []
         for tg in targets:
             labels = torch.cat([tg["labels"].repeat(self.cfg.groups), self.extra_labels])
             boxes = torch.cat([tg["boxes"].float().repeat(self.cfg.groups, 1), self.extra_boxes])
-            content, pos, ref = builder(labels, boxes)
+            content, pos, ref = builder(labels, boxes)                   # ref (n,4) or (n,2)
             out.append(Queries(content[None], pos=None if pos is None else pos[None],
-                               reference=ref[None]))
+                               reference=ref[None, :, :dim]))
         return out
 
     @staticmethod
@@ -474,10 +513,10 @@ class CLoCKDistiller(nn.Module):
         """Teacher (no grad) and student outputs of the target-aware pass; the teacher's layers
         are mapped onto the student's: both (L_S,N,C) and (L_S,N,4)."""
         with torch.no_grad():
-            zt, bt = self.decode_each(self.teacher, enc_t, self.target_queries(targets,
-                                                                               self.builder_t))
-        zs, bs = self.decode_each(self.student, enc_s, self.target_queries(targets,
-                                                                           self.builder_s))
+            zt, bt = self.decode_each(self.teacher, enc_t, self.target_queries(
+                targets, self.builder_t, self.teacher))
+        zs, bs = self.decode_each(self.student, enc_s, self.target_queries(
+            targets, self.builder_s, self.student))
         return zs, bs, zt[self.layer_map], bt[self.layer_map]
 
     def _tcld(self, zs, bs, zt, bt, prefix):
@@ -513,7 +552,12 @@ class CLoCKDistiller(nn.Module):
             if c.teacher_queries_through_student:  # optional extension [proto]
                 with torch.no_grad():
                     dec_t = self.teacher.decode(enc_t)
-                dec_st = self.student.decode(enc_s, queries=dec_t.queries)
+                q_t = dec_t.queries
+                if q_t.reference is None:  # Conditional DETR: the teacher's own reference
+                    # points sigmoid(ref_point_head(pos)), fixed for all its layers, (B,Q,2);
+                    # the student decodes at them instead of recomputing its own
+                    q_t = replace(q_t, reference=dec_t.refs_in[0])
+                dec_st = self.student.decode(enc_s, queries=q_t)
                 losses.update(self._tcld(dec_st.logits, dec_st.boxes, dec_t.logits[self.layer_map],
                                          dec_t.boxes[self.layer_map], "tq"))
         return losses
@@ -523,78 +567,50 @@ class CLoCKDistiller(nn.Module):
 # --visualize: what is distilled, for a few validation images
 # ------------------------------------------------------------------------------------------
 
-def _heat(x, size):
-    """(H,W) in [0,1] -> (3,h,w) uint8 'hot' colours (black, red, yellow, white), nearest-upsampled."""
-    x = F.interpolate(x[None, None].float(), size=size, mode="nearest")[0, 0].clamp(0, 1)
-    rgb = torch.stack([(3 * x).clamp(0, 1), (3 * x - 1).clamp(0, 1), (3 * x - 2).clamp(0, 1)])
-    return (rgb * 255).round().to(torch.uint8)
-
-
-def _log_scale(x):
-    """Positive values onto [0,1] by log10 between the smallest positive value and the largest."""
-    pos = x[x > 0]
-    if pos.numel() == 0:
-        return torch.zeros_like(x)
-    lo, hi = pos.min().log10(), pos.max().log10()
-    return torch.where(x > 0, (x.clamp(min=1e-30).log10() - lo) / (hi - lo).clamp(min=1e-6) * 0.9
-                       + 0.1, torch.zeros_like(x))
-
-
-def _legend(H, W):
-    """A black (3,H,W) uint8 tile that says what the other panels show."""
-    from PIL import Image, ImageDraw
-    from torchvision.transforms.functional import pil_to_tensor
-    tile = Image.new("RGB", (W, H))
-    text = "GT green\nteacher blue\nstudent red\ntop: cell weight\nbottom: weighted\nmemory error\n(log scales)"
-    ImageDraw.Draw(tile).multiline_text((4, 4), text, fill=(255, 255, 255))
-    return pil_to_tensor(tile)                                           # (3,H,W) uint8
+GT_GREEN, TEACHER_BLUE, STUDENT_RED = (0, 220, 0), (40, 90, 255), (230, 40, 40)
 
 
 @torch.no_grad()
-def visualize(distiller, dataset, out_dir, num_images=4, device="cpu"):
+def visualize(distiller, dataset, out_dir, num_images=4):
     """One PNG per image. Top row: the image with its GT boxes (green) and the last-layer boxes
     of the target-aware queries, teacher (blue) and student (red), labelled with the teacher
     confidence w; then per level the L_lcmd cell weight alpha M S + beta (1 - M) S (log scale).
     Bottom row: per level the weighted squared memory error that L_lcmd sums (log scale)."""
-    from torchvision.utils import draw_bounding_boxes, make_grid
-    from PIL import Image
-    from common.data import IMAGENET_MEAN, IMAGENET_STD, collate
-
-    os.makedirs(out_dir, exist_ok=True)
     distiller.eval()
     c, t, s = distiller.cfg, distiller.teacher, distiller.student
+    device = next(s.parameters()).device
     written = []
     for i in range(min(num_images, len(dataset))):
-        images, masks, targets = engine.to_device(*collate([dataset[i]]), torch.device(device))
+        images, masks, targets = engine.to_device(*collate([dataset[i]]), device)
         enc_t, enc_s = t.encode(images, masks), s.encode(images, masks)
-        H, W = images.shape[-2:]
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device)[:, None, None]
-        std = torch.tensor(IMAGENET_STD, device=images.device)[:, None, None]
-        img = ((images[0] * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        scale = torch.tensor([W, H, W, H], dtype=torch.float32)
-        boxes = [(cxcywh_to_xyxy(targets[0]["boxes"].float().cpu()) * scale, "lime", None)]
+        size, padded = targets[0]["size"], images.shape[-2:]
+        zoom = figures.zoom_for(size)
+        img = figures.to_pil(images[0], size, zoom)
+        figures.draw_boxes(img, targets[0]["boxes"], GT_GREEN)
         if c.tcld:
             zs, bs, zt, bt = distiller.target_aware_outputs(enc_t, enc_s, targets)
             w = confidence_weight(zt[-1]).cpu().tolist()
-            boxes += [(cxcywh_to_xyxy(bt[-1].float().cpu()) * scale, "blue", w),
-                      (cxcywh_to_xyxy(bs[-1].float().cpu()) * scale, "red", None)]
-        for b, colour, w in boxes:
-            if len(b):
-                labels = [f"w={x:.2f}" for x in w] if w is not None else None
-                img = draw_bounding_boxes(img, b, labels=labels, colors=colour, width=2)
+            figures.draw_boxes(img, bt[-1], TEACHER_BLUE, labels=[f"w={x:.2f}" for x in w])
+            figures.draw_boxes(img, bs[-1], STUDENT_RED)
         weights = lcmd_weights(targets, enc_s.masks, c.alpha, c.beta, c.scale_mask)
         mem_s = enc_s.memory.float()
         if distiller.adapter is not None:
             mem_s = distiller.adapter(mem_s)
         errors = [(w_l * (a - b).pow(2).sum(1))[0] for w_l, a, b in zip(
             weights, split_levels(enc_t.memory.float(), enc_s.spatial_shapes_list),
-            split_levels(mem_s, enc_s.spatial_shapes_list))]
-        top = [img] + [_heat(_log_scale(w_l[0]).cpu(), (H, W)) for w_l in weights]
-        bottom = [_legend(H, W)] + [_heat(_log_scale(e).cpu(), (H, W)) for e in errors]
-        grid = make_grid(top + bottom, nrow=len(top), padding=4, pad_value=255)
-        path = os.path.join(out_dir, f"clockdistill_{i:02d}.png")
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-        written.append(path)
+            split_levels(mem_s, enc_s.spatial_shapes_list))]                  # per level (H_l,W_l)
+        top = [figures.panel(img, "GT, target-aware queries")] + [
+            figures.panel(figures.heat_image(figures.log_scale(w_l[0]), padded, size, zoom),
+                          f"L_lcmd cell weight, level {lvl}") for lvl, w_l in enumerate(weights)]
+        bottom = [None] + [
+            figures.panel(figures.heat_image(figures.log_scale(e), padded, size, zoom),
+                          f"weighted memory error, level {lvl}") for lvl, e in enumerate(errors)]
+        width = figures.row_width(top)
+        key = figures.legend([(GT_GREEN, "GT"), (TEACHER_BLUE, "teacher (w: confidence weight)"),
+                              (STUDENT_RED, "student")], width)
+        scale = figures.colorbar(width, "each map: smallest positive value", "largest (log scale)")
+        written.append(figures.save(figures.sheet([top, bottom], [key, scale]), out_dir,
+                                    "clockdistill", targets[0]["image_id"]))
     return written
 
 
@@ -626,9 +642,7 @@ HELP = {
 def add_args(parser):
     g = distill.add_config_args(parser, CLoCKConfig, "CLoCKDistill (defaults: the spec's)",
                                 HELP, CHOICES)
-    g.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of masks, memory errors and target-aware boxes here")
-    g.add_argument("--visualize-images", dest="visualize_images", type=int, default=4)
+    figures.add_args(g, "the L_lcmd cell weights, memory errors and target-aware boxes")
     return parser
 
 
@@ -642,8 +656,7 @@ def main(argv=None):
     distiller = CLoCKDistiller(cfg, teacher, run.student, run.num_classes)
     stats = engine.train(run, distiller)
     if args.visualize and is_main_process():  # one process draws
-        written = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images,
-                            run.device)
+        written = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images)
         print(f"visualize: wrote {len(written)} figures to {args.visualize}", flush=True)
     distill.print_summary(args, run, teacher, stats)
     return stats

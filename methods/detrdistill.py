@@ -26,8 +26,26 @@ Where we follow the official code rather than the paper (spec "Ambiguities"):
     A3  quality = score x max IoU with GT (plain IoU; = score for an image without GT).
     A4  mask = max(sum_n s_n cos(q_n, F), 0.01) / its per-image maximum.
     A5  HMLD is one matching over all N teacher predictions (no positive/negative split).
+    (A3, A4 and A5 each have the paper's form one flag away, listed below.)
     A9  normalisers: HMLD class / (B N), boxes / (pairs averaged over processes); TAFD is a mean.
     A10 the InfoNCE head is on (``--no-query-contrastive`` is the paper-only variant).
+The paper's forms, each one flag away from the released-code default [paper]:
+    --quality-form paper  TAFD quality q = c^gamma IoU^(1 - gamma) (code: c IoU); gamma = 0.5
+                          is reconstructed: the paper does not state it (--quality-gamma);
+    --tafd-form paper     Eq. 9: one mask per selected query, psi_i = F^T Q_i (plain product,
+                          no cosine, floor or max-normalisation), the masked MSE of each query
+                          weighted by q_i and divided by M d H W (and by the batch size,
+                          reconstructed), with an adapter phi (1x1 conv) on the student feature
+                          even for equal widths;
+    --hmld-form paper     Eq. 3-4: two matchings, the student queries against the teacher's
+                          positive predictions, then the students left over against its negative
+                          ones; which predictions are positive (here the teacher's own Hungarian
+                          assignment to the GT, as QPAD uses), the order of the two matchings and
+                          the per-part normalisers are reconstructed: the paper does not state
+                          them.
+    The paper's overall loss L_det + lambda1 L_logits + lambda2 L_feat + lambda3 L_assign has no
+    InfoNCE term (--no-query-contrastive); lambda1..3 are w_hmld, w_tafd, w_qpad = 1,
+    reconstructed: the paper does not state them.
 Reconstructed [recon], because the paper and code leave it open:
     - per-term multipliers w_hmld, w_tafd, w_nce, w_qpad (all 1.0);
     - A6 N_S != N_T: unmatched student queries get a zero class target and no box loss (the
@@ -42,8 +60,12 @@ Reconstructed [recon], because the paper and code leave it open:
       DAB-DETR the teacher's anchor boxes. When d_T != d_S a trainable linear projection maps
       the teacher's query vectors to the student's width;
     - d_T != d_S in TAFD: a 1x1 conv adapter per level on the student side;
-    - QPAD reuses the student's encoder output instead of a second encoder pass (identical
-      with dropout off, as in every preset here; the official code recomputes it);
+    - QPAD runs the student's encoder a second time for the teacher-query group, on the same
+      input projections, with fresh dropout, as the official ``forward_train_teacher_group``
+      recomputes the transformer on the neck features; ``--qpad-reuse-encoder`` reuses the main
+      pass's encoder output instead (cheaper). The two agree only with dropout 0 (the CPU
+      presets); the COCO configs use dropout 0.1 (Deformable DETR, Conditional DETR), where
+      they differ;
     - QPAD and detection use the student's own loss weights (Deformable DETR: 2 / 5 / 2);
     - DINO's denoising queries take part in none of the KD terms (only in the student's loss).
 Not ported: the FGD modules of the released config (built but never called).
@@ -54,18 +76,20 @@ dab_detr, dino. Plain DETR is refused (softmax classes: HMLD distils sigmoid pro
 """
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import ImageDraw
 from torch import nn
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine, ops  # noqa: E402
+from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 
@@ -79,6 +103,7 @@ class DETRDistillConfig:
     use_tafd: bool = True               # C2 [code]
     use_qpad: bool = True               # C3 [code] (use_teacher_group=True)
     use_query_contrastive: bool = True  # C4 [code]; False = paper-faithful variant (A10)
+    qpad_reuse_encoder: bool = False    # C3: False = a second student encoder pass [code]
     # per-term multipliers [recon]: the code adds every term with weight 1
     w_hmld: float = 1.0
     w_tafd: float = 1.0
@@ -102,6 +127,20 @@ class DETRDistillConfig:
     nce_weight: float = 0.2
     # A7: teacher layer for each student layer when the counts differ [recon]
     layer_map: str = "ceil"             # "ceil": i -> ceil(i L_T / L_S); "last": last L_S layers
+    # the paper's forms where they differ from the released code, each one flag away [paper]
+    hmld_form: str = "code"             # "paper": two matchings, positives and negatives (Eq. 3-4)
+    quality_form: str = "code"          # "paper": q = c^gamma IoU^(1 - gamma)
+    quality_gamma: float = 0.5          # reconstructed: the paper does not state it
+    tafd_form: str = "code"             # "paper": psi_i = F^T Q_i, per-query MSE (Eq. 9)
+
+    def __post_init__(self):
+        forms = ("code", "paper")
+        for name in ("hmld_form", "quality_form", "tafd_form"):
+            if getattr(self, name) not in forms:
+                raise ValueError(f"{name} must be one of {forms}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.quality_gamma <= 1.0:
+            raise ValueError(f"quality_gamma must lie in [0, 1], got {self.quality_gamma}")
+
 
 
 # ------------------------------------------------------------------------------------------
@@ -120,6 +159,21 @@ def layer_mapping(num_student: int, num_teacher: int, mode: str = "ceil"):
                              f"({num_student}) than teacher layers ({num_teacher}); use 'ceil'")
         return list(range(num_teacher - num_student, num_teacher))
     raise ValueError(f"layer_map must be 'ceil' or 'last', got {mode!r}")
+
+
+def rerun_encoder(model, enc):
+    """The encoder of ``model`` run once more on the same input projections, masks and
+    positions (fresh dropout): the official QPAD group recomputes the transformer on the neck
+    features [code]. Returns ``enc`` with the new memory (B,S,D); proposals are dropped (decoding
+    given queries does not read them)."""
+    src = torch.cat([f.flatten(2).transpose(1, 2) for f in enc.features], 1)      # (B,S,D)
+    t = model.transformer
+    if model.variant in ("deformable_detr", "dino"):
+        memory = t.encoder(src, enc.pos_flatten, enc.spatial_shapes, enc.spatial_shapes_list,
+                           enc.level_start_index, enc.valid_ratios, enc.mask_flatten)
+    else:
+        memory = t.encoder(src, enc.pos_flatten, enc.mask_flatten)
+    return replace(enc, memory=memory, proposals=None)
 
 
 def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
@@ -184,17 +238,76 @@ def hmld_loss(s_logits, s_boxes, t_probs, t_boxes, indices):
     return loss_cls, loss_bbox, loss_giou
 
 
+@torch.no_grad()
+def hmld_match_paper(s_logits, s_boxes, t_probs, t_boxes, t_positive, costs=(1.0, 5.0, 2.0)):
+    """The paper's HMLD matching (Eq. 3-4) for one layer: two Hungarian matchings per image,
+    the student queries against the teacher's positive predictions, then the student queries
+    left over against the teacher's negative predictions.
+
+    t_positive: per image the teacher query indices that count as positive; here the teacher's
+    own Hungarian assignment to the GT at that layer (reconstructed: the paper does not state
+    how it picks them). Cost as ``hmld_cost``. Returns per image (pos, neg), each a pair
+    (student_idx, teacher_idx) of int64 tensors."""
+    cost = hmld_cost(s_logits, s_boxes, t_probs, t_boxes, *costs)       # (B,N_S,N_T)
+    B, N_S, N_T = cost.shape
+    dev = cost.device
+    out = []
+    for b in range(B):
+        pos_t = torch.as_tensor(t_positive[b], dtype=torch.int64, device=dev)
+        is_pos = torch.zeros(N_T, dtype=torch.bool, device=dev)
+        is_pos[pos_t] = True
+        neg_t = (~is_pos).nonzero().flatten()
+        r, c = ops.linear_sum_assignment(cost[b][:, pos_t]) if len(pos_t) else (pos_t, pos_t)
+        pos = (r, pos_t[c])
+        free = torch.ones(N_S, dtype=torch.bool, device=dev)
+        free[r] = False
+        free_s = free.nonzero().flatten()
+        if len(free_s) and len(neg_t):
+            r2, c2 = ops.linear_sum_assignment(cost[b][free_s][:, neg_t])
+            neg = (free_s[r2], neg_t[c2])
+        else:
+            neg = (free_s[:0], neg_t[:0])
+        out.append((pos, neg))
+    return out
+
+
+def hmld_loss_paper(s_logits, s_boxes, t_probs, t_boxes, matched):
+    """The paper's HMLD loss (Eq. 3-4) for one layer: L_pos + L_neg, each part the soft-BCE,
+    L1 and GIoU of its pairs divided by its own pair count (averaged over processes, >= 1);
+    student queries in neither matching get no loss. The per-part normalisers and the unit
+    weights of L_pos and L_neg are reconstructed: the paper does not state them.
+    matched: ``hmld_match_paper``'s output. Returns (class, L1, GIoU), unweighted."""
+    dev = s_logits.device
+    total = [s_logits.sum() * 0.0] * 3
+    for part in (0, 1):
+        b_idx = torch.cat([torch.full_like(m[part][0], b) for b, m in enumerate(matched)])
+        s_idx = torch.cat([m[part][0] for m in matched])
+        t_idx = torch.cat([m[part][1] for m in matched])
+        n = mean_over_processes(torch.tensor(float(s_idx.numel()), device=dev)).clamp(min=1)
+        z, p = s_logits[b_idx, s_idx], t_probs[b_idx, t_idx].to(s_logits.dtype)   # (P,C)
+        src, tgt = s_boxes[b_idx, s_idx], t_boxes[b_idx, t_idx]                    # (P,4)
+        terms = (F.binary_cross_entropy_with_logits(z, p, reduction="sum"),
+                 F.l1_loss(src, tgt, reduction="sum"),
+                 generalized_box_iou_loss(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt),
+                                          reduction="sum", eps=torch.finfo(torch.float32).tiny))
+        total = [a + t / n for a, t in zip(total, terms)]
+    return tuple(total)
+
+
 # ------------------------------------------------------------------------------------------
 # C2: Target-aware feature distillation (TAFD)
 # ------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def tafd_select(t_probs, t_boxes, t_hs, targets, k=100):
+def tafd_select(t_probs, t_boxes, t_hs, targets, k=100, form="code", gamma=0.5):
     """Quality-scored teacher queries (spec C2 preprocessing step 3).
 
     Top-k (query, class) pairs of the flattened (N x C) teacher scores: query = idx // C,
-    class = idx % C (a query can appear twice). Quality s = p max_j IoU(b_q, g_j) (plain IoU,
-    A3), s = p for an image without GT. t_probs (B,N,C), t_boxes (B,N,4), t_hs (B,N,D).
+    class = idx % C (a query can appear twice). Quality, with c the pair's score and IoU =
+    max_j IoU(b_q, g_j) (plain IoU, A3):
+        form "code"   s = c * IoU                       [code]
+        form "paper"  q = c^gamma * IoU^(1 - gamma)     [paper]; gamma reconstructed
+    and s = c for an image without GT. t_probs (B,N,C), t_boxes (B,N,4), t_hs (B,N,D).
     Returns hs (B,K,D), quality (B,K), query_idx (B,K), class_idx (B,K).
     """
     B, N, C = t_probs.shape
@@ -204,7 +317,11 @@ def tafd_select(t_probs, t_boxes, t_hs, targets, k=100):
     for b, t in enumerate(targets):
         if t["boxes"].shape[0] > 0:
             boxes = cxcywh_to_xyxy(t_boxes[b, query_idx[b]])              # (K,4)
-            quality[b] = scores[b] * box_iou(boxes, cxcywh_to_xyxy(t["boxes"]).to(boxes)).max(1)[0]
+            iou = box_iou(boxes, cxcywh_to_xyxy(t["boxes"]).to(boxes)).max(1)[0]
+            if form == "paper":
+                quality[b] = scores[b].pow(gamma) * iou.pow(1.0 - gamma)
+            else:
+                quality[b] = scores[b] * iou
     hs = torch.gather(t_hs, 1, query_idx[..., None].expand(-1, -1, t_hs.shape[-1]))  # (B,K,D)
     return hs, quality, query_idx, class_idx
 
@@ -227,6 +344,25 @@ def tafd_mask(hs, quality, t_feat, floor=0.01):
 def tafd_loss(mask, t_feat, s_feat):
     """nn.MSELoss()(M F^T, M F^S): mean over (b, c, h, w), raw features, padding included."""
     return F.mse_loss(mask * s_feat, mask * t_feat)
+
+
+def tafd_loss_paper(hs, quality, t_feat, s_feat):
+    """The paper's TAFD (Eq. 9) on one level: one mask per selected query, psi_i = F^T Q_i (the
+    plain product of the teacher features with the query, no normalisation, no floor), and
+
+        L = 1 / (B M d H W) sum_b sum_i q_i sum_{c,h,w} (psi_i(h,w) (F^T - phi(F^S))_c(h,w))^2
+
+    computed as sum_hw [sum_i q_i psi_i^2] ||F^T - phi(F^S)||^2_c, without the (B,M,d,H,W)
+    tensor. The mean over the batch B is reconstructed (the paper writes one image).
+    hs (B,M,d) selected teacher queries, quality (B,M), t_feat, s_feat (B,d,H,W) (the student
+    through the adapter phi). The masks carry no gradient (teacher tensors only)."""
+    B, M = quality.shape
+    _, d, H, W = t_feat.shape
+    with torch.no_grad():
+        psi = torch.einsum("bmd,bdhw->bmhw", hs, t_feat)                 # (B,M,H,W) psi_i
+        weight = torch.einsum("bm,bmhw->bhw", quality, psi.pow(2))       # (B,H,W)
+    err = (t_feat.detach() - s_feat).pow(2).sum(1)                       # (B,H,W)
+    return (weight * err).sum() / max(B * M * d * H * W, 1)
 
 
 def level_maps(enc, source):
@@ -306,8 +442,9 @@ class DETRDistill(nn.Module):
         self.criterion = build_criterion(student, num_classes)
         self.teacher_matcher = build_criterion(teacher, num_classes).matcher  # QPAD's assignment
         d_t, d_s = teacher.hidden_dim, student.hidden_dim
-        # TAFD: student features -> teacher width when they differ [recon]
-        if cfg.use_tafd and d_t != d_s:
+        # TAFD: student features -> teacher width when they differ [recon]; the paper's form
+        # always has the adapter phi (Eq. 9)
+        if cfg.use_tafd and (d_t != d_s or cfg.tafd_form == "paper"):
             self.feat_adapters = nn.ModuleList(nn.Conv2d(d_s, d_t, 1) for _ in range(n_lv_s))
         # QPAD: teacher query vectors -> student width when they differ (A8) [recon]
         if cfg.use_qpad and d_t != d_s:
@@ -358,6 +495,18 @@ class DETRDistill(nn.Module):
         pairs = ops.linear_sum_assignment(torch.cat(costs))                  # L_S*B results
         return [pairs[i * B:(i + 1) * B] for i in range(len(self.layer_map))]
 
+    @torch.no_grad()
+    def hmld_match_paper(self, s_dec, t_dec, assign):
+        """Per student layer, ``hmld_match_paper``'s two matchings per image; the positives of
+        teacher layer layer_map[i] are its GT assignment ``assign[i]``."""
+        c = self.cfg
+        return [hmld_match_paper(s_dec.logits[i].float(), s_dec.boxes[i].float(),
+                                 t_dec.logits[l].float().sigmoid(),
+                                 teacher_pseudo_boxes(t_dec.boxes[l].float(), c.clamp_teacher_boxes),
+                                 [t for t, _ in assign[i]],
+                                 (c.hmld_cost_class, c.hmld_cost_bbox, c.hmld_cost_giou))
+                for i, l in enumerate(self.layer_map)]
+
     def qpad_queries(self, t_dec):
         """The teacher's queries in the student's format (spec C3, A8)."""
         q, v = t_dec.queries, self.student.variant
@@ -385,13 +534,19 @@ class DETRDistill(nn.Module):
             if a.shape != b.shape:
                 raise ValueError(f"TAFD level {k}: teacher features {tuple(a.shape)} and student "
                                  f"features {tuple(b.shape)} differ in size (backbone strides?)")
+        c = self.cfg
         losses, masks = [], []
         for l in self.layer_map:
             hs, quality, _, _ = tafd_select(t_dec.logits[l].float().sigmoid(),
                                             t_dec.boxes[l].float(), t_dec.hs[l].float(),
-                                            targets, self.cfg.tafd_topk)
-            m = [tafd_mask(hs, quality, a.float(), self.cfg.tafd_mask_floor) for a in f_t]
-            losses.append(sum(tafd_loss(mk, a.float(), b.float()) for mk, a, b in zip(m, f_t, f_s)))
+                                            targets, c.tafd_topk, c.quality_form, c.quality_gamma)
+            m = [tafd_mask(hs, quality, a.float(), c.tafd_mask_floor) for a in f_t]
+            if c.tafd_form == "paper":  # Eq. 9: per-query masks psi_i = F^T Q_i
+                losses.append(sum(tafd_loss_paper(hs, quality, a.float(), b.float())
+                                  for a, b in zip(f_t, f_s)))
+            else:
+                losses.append(sum(tafd_loss(mk, a.float(), b.float())
+                                  for mk, a, b in zip(m, f_t, f_s)))
             masks.append(m)
         return losses, masks
 
@@ -400,20 +555,37 @@ class DETRDistill(nn.Module):
         t_enc, t_dec = self.run_teacher(images, masks)
         s_enc = self.student.encode(images, masks)
         s_dec = self.student.decode(s_enc, targets=targets)
-        q_dec = (self.student.decode(s_enc, queries=self.qpad_queries(t_dec))
-                 if cfg.use_qpad else None)  # no targets: no denoising groups in this pass
+        q_dec = None
+        if cfg.use_qpad:  # no targets: no denoising groups in this pass
+            q_enc = s_enc if cfg.qpad_reuse_encoder else rerun_encoder(self.student, s_enc)
+            q_dec = self.student.decode(q_enc, queries=self.qpad_queries(t_dec))
         sfx = [""] * L
         sfx[:-1] = [f"_{i}" for i in range(L - 1)]  # DETR's aux-loss suffixes: last layer none
         with torch.autocast(device_type=images.device.type, enabled=False):  # losses in fp32
             outputs = engine.fp32(self.student.outputs(s_enc, s_dec))
             losses = self.criterion(outputs, targets)  # the student's own detection losses
-            if cfg.use_hmld or cfg.use_query_contrastive:
+            assign = None
+            if cfg.use_qpad or (cfg.use_hmld and cfg.hmld_form == "paper"):
+                # the teacher's own layer-l GT assignment (QPAD; the paper HMLD's positives)
+                assign = self.teacher_matcher.match_layers(
+                    [{"pred_logits": t_dec.logits[l], "pred_boxes": t_dec.boxes[l]}
+                     for l in self.layer_map], targets)
+            if cfg.use_hmld and cfg.hmld_form == "paper":
+                paper = self.hmld_match_paper(s_dec, t_dec, assign)
+                pairs = [[(torch.cat([p[0], n[0]]), torch.cat([p[1], n[1]])) for p, n in m]
+                         for m in paper]  # both matchings, for the InfoNCE term
+            elif cfg.use_hmld or cfg.use_query_contrastive:
                 pairs = self.hmld_match(s_dec, t_dec)
             for i, l in enumerate(self.layer_map):
                 if cfg.use_hmld:  # C1
                     t_boxes = teacher_pseudo_boxes(t_dec.boxes[l].float(), cfg.clamp_teacher_boxes)
-                    cls_, bbox, giou = hmld_loss(s_dec.logits[i].float(), s_dec.boxes[i].float(),
-                                                 t_dec.logits[l].float().sigmoid(), t_boxes, pairs[i])
+                    if cfg.hmld_form == "paper":
+                        cls_, bbox, giou = hmld_loss_paper(
+                            s_dec.logits[i].float(), s_dec.boxes[i].float(),
+                            t_dec.logits[l].float().sigmoid(), t_boxes, paper[i])
+                    else:
+                        cls_, bbox, giou = hmld_loss(s_dec.logits[i].float(), s_dec.boxes[i].float(),
+                                                     t_dec.logits[l].float().sigmoid(), t_boxes, pairs[i])
                     losses.update({f"loss_hmld_cls{sfx[i]}": cls_, f"loss_hmld_bbox{sfx[i]}": bbox,
                                    f"loss_hmld_giou{sfx[i]}": giou})
                 if cfg.use_query_contrastive:  # C4: student state i <-> its matched teacher state
@@ -426,9 +598,6 @@ class DETRDistill(nn.Module):
                 for i, loss in enumerate(self.tafd_terms(s_enc, t_enc, t_dec, targets)[0]):
                     losses[f"loss_tafd{sfx[i]}"] = loss
             if cfg.use_qpad:  # C3: the teacher's own layer-l GT assignment, no new matching
-                t_layers = [{"pred_logits": t_dec.logits[l], "pred_boxes": t_dec.boxes[l]}
-                            for l in self.layer_map]
-                assign = self.teacher_matcher.match_layers(t_layers, targets)
                 for i, indices in enumerate(assign):
                     num_pos = mean_over_processes(torch.tensor(
                         float(sum(len(q) for q, _ in indices)), device=images.device)).clamp(min=1)
@@ -443,37 +612,8 @@ class DETRDistill(nn.Module):
 # --visualize: what the method distils, for a few validation images
 # ------------------------------------------------------------------------------------------
 
-def _to_pil(image, size):
-    from PIL import Image
-    from common.data import IMAGENET_MEAN, IMAGENET_STD
-    h, w = (int(x) for x in size)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    rgb = ((image[:, :h, :w].cpu() * std + mean).clamp(0, 1) * 255).byte()
-    return Image.fromarray(rgb.permute(1, 2, 0).numpy())
-
-
-def _heat(mask, size, padded):
-    """(H_k,W_k) mask in [0,1] -> an RGB heat map of the unpadded image (black-red-yellow-white)."""
-    from PIL import Image
-    h, w = (int(x) for x in size)
-    m = F.interpolate(mask[None, None].float(), size=padded, mode="bilinear")[0, 0, :h, :w].cpu()
-    rgb = torch.stack([(3 * m).clamp(0, 1), (3 * m - 1).clamp(0, 1), (3 * m - 2).clamp(0, 1)], -1)
-    return Image.fromarray((rgb * 255).byte().numpy())
-
-
-def _draw_boxes(draw, boxes, size, color, width=2):
-    h, w = (int(x) for x in size)
-    for x0, y0, x1, y1 in (cxcywh_to_xyxy(boxes.float()).cpu() * torch.tensor([w, h, w, h])).tolist():
-        draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=color, width=width)
-
-
-def _panel(base, title):
-    """A copy of the image with a title, and a drawing context on it."""
-    from PIL import ImageDraw
-    p = base.copy()
-    d = ImageDraw.Draw(p)
-    d.text((3, 3), title, fill=(255, 255, 255))
-    return p, d
+GT_GREEN, TEACHER_ORANGE, TEACHER_RED = (0, 220, 0), (255, 140, 0), (230, 40, 40)
+STUDENT_BLUE, PAIR_YELLOW = (60, 120, 255), (255, 255, 0)
 
 
 @torch.no_grad()
@@ -486,9 +626,6 @@ def visualize(distiller, dataset, out_dir, num_images=4, shown=10):
       QPAD   the student decoder run on the teacher's queries: its boxes for the queries the
              teacher's own assignment gives a GT (blue), and the GT (green).
     Panels of a switched-off term are left out."""
-    from PIL import Image
-    from common.data import collate
-    os.makedirs(out_dir, exist_ok=True)
     cfg, was_training = distiller.cfg, distiller.training
     distiller.eval()
     device = next(distiller.student.parameters()).device
@@ -509,42 +646,38 @@ def visualize(distiller, dataset, out_dir, num_images=4, shown=10):
                                             "pred_boxes": t_dec.boxes[l]}, targets)
     paths = []
     for b, t in enumerate(targets):
-        h, w = (int(x) for x in t["size"])
-        zoom = max(1, 320 // max(h, w))  # small images are enlarged so the boxes stay legible
-        base, panels = _to_pil(images[b], (h, w)).resize((w * zoom, h * zoom)), []
-        size = (h * zoom, w * zoom)  # what the boxes are drawn at
+        base, panels = figures.to_pil(images[b], t["size"], figures.zoom_for(t["size"])), []
         if cfg.use_tafd:
-            p, d = _panel(base, "TAFD: GT, top-quality queries")
+            p = base.copy()
             qmax = float(quality[b].max().clamp(min=1e-6))
             for j in quality[b].argsort(descending=True)[:shown].tolist():
-                _draw_boxes(d, t_dec.boxes[l][b, q_idx[b, j]][None], size, (255, 140, 0),
-                            1 + int(3 * float(quality[b, j]) / qmax))
-            _draw_boxes(d, t["boxes"], size, (0, 220, 0))
-            panels.append(p)
+                figures.draw_boxes(p, t_dec.boxes[l][b, q_idx[b, j]], TEACHER_ORANGE,
+                                   1 + int(3 * float(quality[b, j]) / qmax))
+            figures.draw_boxes(p, t["boxes"], GT_GREEN)
+            panels.append(figures.panel(p, "TAFD: GT, top-quality queries"))
             for k, m in enumerate(lv_masks):
-                heat = _heat(m[b, 0], (h, w), images.shape[-2:]).resize(base.size)
-                p, _ = _panel(Image.blend(base, heat, 0.6), f"TAFD mask, level {k}")
-                panels.append(p)
-        p, d = _panel(base, "HMLD: teacher / matched student")
-        si, ti = pairs[b]
+                over = figures.heat_overlay(base, m[b, 0], images.shape[-2:], t["size"])
+                panels.append(figures.panel(over, f"TAFD mask, level {k}"))
+        p = base.copy()
+        d, si, ti = ImageDraw.Draw(p), *pairs[b]
         for j in t_dec.logits[l][b, ti].sigmoid().amax(-1).argsort(descending=True)[:shown].tolist():
             tb, sb = t_dec.boxes[l][b, ti[j]], s_dec.boxes[-1][b, si[j]]
-            _draw_boxes(d, tb[None], size, (230, 40, 40))
-            _draw_boxes(d, sb[None], size, (60, 120, 255))
-            d.line([float(tb[0]) * base.width, float(tb[1]) * base.height,
-                    float(sb[0]) * base.width, float(sb[1]) * base.height],
-                   fill=(255, 255, 0), width=1)
-        panels.append(p)
+            figures.draw_boxes(p, tb, TEACHER_RED)
+            figures.draw_boxes(p, sb, STUDENT_BLUE)
+            d.line([float(tb[0]) * p.width, float(tb[1]) * p.height,
+                    float(sb[0]) * p.width, float(sb[1]) * p.height], fill=PAIR_YELLOW, width=1)
+        panels.append(figures.panel(p, "HMLD: teacher / matched student"))
         if cfg.use_qpad:
-            p, d = _panel(base, "QPAD: teacher queries, student")
-            _draw_boxes(d, t["boxes"], size, (0, 220, 0))
-            _draw_boxes(d, q_dec.boxes[-1][b, assign[b][0]], size, (60, 120, 255))
-            panels.append(p)
-        sheet = Image.new("RGB", (sum(x.width + 4 for x in panels), base.height))
-        for i, panel in enumerate(panels):
-            sheet.paste(panel, (i * (base.width + 4), 0))
-        paths.append(os.path.join(out_dir, f"detrdistill_{int(t['image_id'])}.png"))
-        sheet.save(paths[-1])
+            p = base.copy()
+            figures.draw_boxes(p, t["boxes"], GT_GREEN)
+            figures.draw_boxes(p, q_dec.boxes[-1][b, assign[b][0]], STUDENT_BLUE)
+            panels.append(figures.panel(p, "QPAD: teacher queries, student"))
+        width = figures.row_width(panels)
+        key = figures.legend([(GT_GREEN, "GT"), (TEACHER_ORANGE, "TAFD top-quality teacher query"),
+                              (TEACHER_RED, "teacher"), (STUDENT_BLUE, "student"),
+                              (PAIR_YELLOW, "HMLD pair")], width)
+        footer = [key] + ([figures.colorbar(width, "mask 0", "1")] if cfg.use_tafd else [])
+        paths.append(figures.save(figures.sheet([panels], footer), out_dir, "detrdistill", t["image_id"]))
     distiller.train(was_training)
     return paths
 
@@ -565,7 +698,13 @@ HELP = {"w_hmld": "multiplier of the HMLD terms", "w_tafd": "multiplier of the T
         "tafd_mask_floor": "TAFD: lower clamp of the mask before max-normalisation",
         "nce_dim": "InfoNCE projection width", "nce_temperature": "InfoNCE temperature",
         "nce_weight": "InfoNCE loss weight",
-        "layer_map": "teacher layer per student layer when counts differ: ceil(i L_T / L_S) or the last L_S"}
+        "layer_map": "teacher layer per student layer when counts differ: ceil(i L_T / L_S) or the last L_S",
+        "hmld_form": "HMLD: code (one matching over all teacher predictions) or paper (two "
+                     "matchings, the teacher's positives then its negatives, Eq. 3-4)",
+        "quality_form": "TAFD quality: code (c IoU) or paper (c^gamma IoU^(1-gamma))",
+        "quality_gamma": "gamma of the paper's quality (reconstructed: the paper does not state it)",
+        "tafd_form": "TAFD: code (one cosine mask, masked MSE) or paper (per-query masks "
+                     "psi_i = F^T Q_i, weighted MSE / (M d H W), adapter on the student, Eq. 9)"}
 
 
 def add_method_args(parser):
@@ -574,14 +713,16 @@ def add_method_args(parser):
              "use_qpad": "C3 query-prior assignment distillation",
              "use_query_contrastive": "C4 InfoNCE on matched decoder states (released code "
                                       "only)",
-             "clamp_teacher_boxes": "clip HMLD pseudo boxes to the image"}
+             "clamp_teacher_boxes": "clip HMLD pseudo boxes to the image",
+             "qpad_reuse_encoder": "QPAD decodes over the main pass's encoder output instead "
+                                   "of a second encoder pass with its own dropout"}
     flags = {"use_hmld": "hmld", "use_tafd": "tafd", "use_qpad": "qpad",
              "use_query_contrastive": "query-contrastive"}
-    choices = {"feature_source": ["neck", "encoder_memory"], "layer_map": ["ceil", "last"]}
+    choices = {"feature_source": ["neck", "encoder_memory"], "layer_map": ["ceil", "last"],
+               "hmld_form": ["code", "paper"], "quality_form": ["code", "paper"],
+               "tafd_form": ["code", "paper"]}
     g = distill.add_config_args(parser, DETRDistillConfig, "DETRDistill", help_, choices, flags)
-    g.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of the TAFD masks, HMLD pairs and QPAD group for a few "
-                        "validation images (after training, or with --eval)")
+    figures.add_args(g, "the TAFD masks, HMLD pairs and QPAD group")
     return parser
 
 
@@ -595,7 +736,7 @@ def main(argv=None):
     distiller = DETRDistill(cfg, teacher, run.student, run.num_classes)
     stats = engine.train(run, distiller)
     if args.visualize and is_main_process():  # one process draws
-        paths = visualize(distiller, run.dataset_val, args.visualize)
+        paths = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images)
         print(f"visualize: wrote {len(paths)} figures to {args.visualize}", flush=True)
     distill.print_summary(args, run, teacher, stats)
     return stats

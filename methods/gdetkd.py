@@ -15,9 +15,10 @@ The two losses (added to the student's own DETR loss, L = L_det + 1.0 L_SGFI + 0
         teacher level the FPN rule picks; the student feature is a soft, learned, per-RoI mixture
         of its RoIAligned features on *all* its levels, a_i^l = softmax_l(<f_embed(S_i^l),
         f_embed(T_i)> / tau); L_SGFI = MSE(sum_l a_i^l S_i^l, T_i).
-  CKD   InfoNCE between the student and teacher embeddings of the same RoI; the negatives are
-        the other RoIs' teacher embeddings and a queue of past ones (all processes), minus those
-        of the same image that overlap the positive with IoU > 0.5.
+  CKD   InfoNCE (cosine / gamma) between the student and teacher embeddings of the same RoI,
+        both through one shared projection f_theta (the note's form); the negatives are the
+        other RoIs' teacher embeddings (this step's, of every process) and a queue of past ones
+        (all processes), minus those of the same image that overlap the positive with IoU > 0.5.
 
 The paper distils CNN detectors with an FPN. THE WHOLE DETR ADAPTATION IS OUR DESIGN [recon]
 (spec C4), following the paper's heterogeneous (one-stage student) path:
@@ -36,13 +37,21 @@ temperature 0.07, queue of the last 10 iterations, IoU filter 0.5, weights SGFI 
 1x1 adapters, f_embed widths 128 -> 64, dot-product similarity, MSE mean reduction.
 Other readings [recon]: softmax over *levels* (todd's newest version normalises over RoIs, a bug);
 ReLU after both f_embed convs (as the note and todd's older version); standard InfoNCE with the
-positive in the denominator (todd omits it: ``--no-ckd-positive-in-denominator``); CKD projection
-is a student-side bias-free linear adapter (the note's shared head f_theta: ``--ckd-shared-head``);
-with ``ckd_embed='roi'`` the CKD gradient also reaches the SGFI adapters. The CKD queue is not
-saved in checkpoints (it refills within ``ckd_queue`` iterations after a resume).
+positive in the denominator (todd omits it: ``--no-ckd-positive-in-denominator``); the CKD
+projection is the note's (our main source for the paper's equations): one linear f_theta
+(D_T -> D_T) shared by student and teacher, then cosine / gamma; a bias-free linear adapter
+D_S -> D_T precedes it on the student side only when the widths differ [recon]. Every key, this
+step's and the queued ones alike, goes through the current f_theta with its gradient (the teacher
+embeddings themselves are detached) [recon]. ``--no-ckd-shared-head`` is [3p-G]'s form: a
+student-side adapter only, raw teacher keys. The queue keeps raw teacher embeddings; each step
+all-gathers the current batch of every process before the loss, so the other processes' RoIs are
+negatives at once, as in [3p-G]'s toolkit; the queue is saved in checkpoints (a resume is exact).
+SGFI and CKD divide by the RoI count averaged over processes (N processes x batch b train like
+one process x batch N b) [recon]. With ``ckd_embed='roi'`` the CKD gradient also reaches the SGFI
+adapters.
 RoIAlign is torchvision's roi_align(aligned=True), computed as two matrix products per image
-(``roi_align_separable``, tested equal to torchvision's in float64): torchvision's CPU backward
-dominated a training step on the CPU.
+(``common.ops.roi_align_separable``, tested equal to torchvision's in float64): torchvision's CPU
+backward dominated a training step on the CPU.
 Not implemented: the paper's homogeneous-pair extras (R-CNN prediction KD, class-aware
 regression KD, head transfer) and the torchvision CNN path, an optional extension of the spec.
 
@@ -57,14 +66,16 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import ImageDraw
 from torch import nn
 from torchvision.ops import box_iou
 from torchvision.ops.poolers import LevelMapper
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine  # noqa: E402
+from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
 from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
@@ -97,7 +108,8 @@ class GDetKDConfig:
     ckd_gamma: float = 0.07                 # [3p-G] (MoCo's temperature)
     ckd_queue: int = 10                     # [3p-G] iterations of teacher embeddings kept
     ckd_iou_thr: float = 0.5                # [3p-G] same-image negatives above it are dropped
-    ckd_shared_head: bool = False           # [recon] the note's shared projection f_theta
+    ckd_shared_head: bool = True            # [note-G] one projection f_theta on both sides;
+    #                                         False: a student-side linear adapter only [3p-G]
     ckd_positive_in_denominator: bool = True  # [recon] standard InfoNCE; False = [3p-G]
 
     def __post_init__(self):
@@ -215,75 +227,9 @@ def backbone_stage_channels(model):
             for n in ("layer2", "layer3", "layer4")]
 
 
-def _axis_weights(start, bin_size, grid, size, out_size):
-    """1-D RoIAlign weights along one axis: (R,out_size,size), row p holding the mean over the
-    bin's ``grid`` samples of each sample's two linear-interpolation weights, with torchvision's
-    border rules (a sample beyond [-1, size] counts 0; below 0 it reads cell 0; at or beyond
-    size - 1 it reads cell size - 1). start, bin_size (R,) in feature-map pixels."""
-    p = torch.arange(out_size, device=start.device, dtype=start.dtype)
-    i = torch.arange(grid, device=start.device, dtype=start.dtype)
-    coord = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
-             + (i[None, None, :] + 0.5) * bin_size[:, None, None] / grid)      # (R,out,grid)
-    inside = ((coord >= -1.0) & (coord <= size)).to(coord.dtype)
-    coord = coord.clamp(min=0.0)
-    low = coord.floor().long()
-    edge = low >= size - 1
-    low = torch.where(edge, torch.full_like(low, size - 1), low)
-    high = torch.where(edge, low, low + 1)
-    frac = torch.where(edge, torch.zeros_like(coord), coord - low.to(coord.dtype))
-    w = torch.zeros(len(start), out_size, size, device=start.device, dtype=start.dtype)
-    w.scatter_add_(2, low, (1.0 - frac) * inside / grid)
-    w.scatter_add_(2, high, frac * inside / grid)
-    return w
-
-
-def roi_align_separable(features, rois, output_size, spatial_scale, sampling_ratio):
-    """torchvision.ops.roi_align(features, rois, output_size, spatial_scale, sampling_ratio,
-    aligned=True), computed as two matrix products per image; the same function, and the
-    gradient to ``features`` is exact (no gradient to ``rois``, as in torchvision).
-
-    Why: RoIAlign samples a regular grid_h x grid_w grid of points in each bin and interpolates
-    bilinearly, and a bilinear weight is the product of a weight along y and one along x. So a
-    pooled RoI is A_y (s,H) @ F (C,H,W) @ A_x^T (W,s), where row p of A_y averages the
-    y-weights of bin p's samples (``_axis_weights``). torchvision's CPU backward recomputes
-    every sample's interpolation for every channel, one channel at a time. At our shapes
-    (hundreds of RoIs on small maps) that backward was the largest single cost of a G-DetKD
-    training step on the CPU. The products here are matrix multiplications
-    (bench/RESULTS.md section 5 has the timings).
-    features (B,C,H,W), rois (R,5) [batch index, x1, y1, x2, y2] in image pixels, sampling_ratio
-    > 0 (torchvision's adaptive -1 is not supported) -> (R,C,s,s)."""
-    if sampling_ratio <= 0:
-        raise ValueError(f"roi_align_separable needs sampling_ratio > 0, got {sampling_ratio}")
-    B, C, H, W = features.shape
-    s = output_size
-    with torch.no_grad():
-        r = rois.to(features.dtype)
-        x1, y1 = r[:, 1] * spatial_scale - 0.5, r[:, 2] * spatial_scale - 0.5   # aligned=True
-        x2, y2 = r[:, 3] * spatial_scale - 0.5, r[:, 4] * spatial_scale - 0.5
-        a_y = _axis_weights(y1, (y2 - y1) / s, sampling_ratio, H, s)          # (R,s,H)
-        a_x = _axis_weights(x1, (x2 - x1) / s, sampling_ratio, W, s)          # (R,s,W)
-        image = rois[:, 0].long()
-    pieces, order = [features.new_zeros(0, C, s, s)], [image.new_zeros(0)]
-    for b in range(B):
-        sel = (image == b).nonzero().flatten()
-        if len(sel) == 0:
-            continue
-        n = len(sel)
-        f = features[b].permute(1, 0, 2).reshape(H, C * W)                  # (H,C*W)
-        t = (a_y[sel].reshape(n * s, H) @ f).view(n, s, C, W)                # (n,s_y,C,W)
-        pooled = t @ a_x[sel].transpose(1, 2)[:, None]                       # (n,s_y,C,s_x)
-        pieces.append(pooled.permute(0, 2, 1, 3))                             # (n,C,s_y,s_x)
-        order.append(sel)
-    order = torch.cat(order)
-    if len(order) != len(rois):
-        raise ValueError(f"rois hold batch indices outside [0, {B}): "
-                         f"{sorted(set(image.tolist()) - set(range(B)))}")
-    return torch.cat(pieces)[torch.argsort(order)]                           # (R,C,s,s)
-
-
 def pool_levels(maps, strides, rois, cfg):
     """RoIAlign of every RoI on every level: list of (R,C_l,s,s), spatial_scale = 1/stride."""
-    return [roi_align_separable(m.float(), rois, cfg.roi_size, 1.0 / s, cfg.sampling_ratio)
+    return [ops.roi_align_separable(m.float(), rois, cfg.roi_size, 1.0 / s, cfg.sampling_ratio)
             for m, s in zip(maps, strides)]
 
 
@@ -293,8 +239,8 @@ def pool_assigned(maps, strides, rois, level, cfg):
     for lvl, (m, s) in enumerate(zip(maps, strides)):
         idx = (level == lvl).nonzero().flatten()
         if len(idx):
-            out[idx] = roi_align_separable(m.float(), rois[idx], cfg.roi_size, 1.0 / s,
-                                           cfg.sampling_ratio)
+            out[idx] = ops.roi_align_separable(m.float(), rois[idx], cfg.roi_size, 1.0 / s,
+                                               cfg.sampling_ratio)
     return out
 
 
@@ -338,25 +284,38 @@ class SGFI(nn.Module):
         k_t = self.embed(T.detach()).flatten(1)                          # (R,64)
         return ((k_s * k_t).sum(-1) / self.log_tau.exp()).softmax(dim=0)  # levels sum to 1
 
-    def forward(self, student_rois, T):
+    def forward(self, student_rois, T, num_rois=None):
         """student_rois: list of L (R,C_l,s,s); T (R,C_T,s,s) teacher RoI features.
-        Returns L_SGFI = mean over RoIs, channels and cells of (sum_l a^l S^l - T)^2, the
-        aggregate S_hat (R,C_T,s,s) and the level weights a (L,R)."""
+        Returns L_SGFI = mean over RoIs, channels and cells of (sum_l a^l S^l - T)^2 (the RoI
+        count ``num_rois`` averaged over processes when given, else R), the aggregate S_hat
+        (R,C_T,s,s) and the level weights a (L,R)."""
         T = T.detach()  # the teacher is a fixed target
         S = self.adapt(student_rois)                                     # (L,R,C_T,s,s)
         a = self.level_weights(S, T)                                     # (L,R)
         S_hat = (a[..., None, None, None] * S).sum(0)                    # (R,C_T,s,s)
-        return F.mse_loss(S_hat, T), S_hat, a
+        R = T.shape[0] if num_rois is None else num_rois
+        loss = F.mse_loss(S_hat, T, reduction="sum") / (R * T[0].numel() if T.shape[0] else 1)
+        return loss, S_hat, a
 
 
 # ------------------------------------------------------------------------------------------
 # C2: CKD
 # ------------------------------------------------------------------------------------------
 
-def all_gather_rows(x):
-    """Concatenate the (N_p, d) tensors of all processes (N_p may differ); identity alone."""
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """A count averaged over processes (as the detection loss's box count); itself alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
+def gather_rows_per_process(x):
+    """The (N_p, d) tensors of every process (N_p may differ), in rank order, and this
+    process's rank; ([x], 0) alone. No gradient flows back through other processes' rows."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
+        return [x], 0
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)
@@ -364,14 +323,23 @@ def all_gather_rows(x):
     padded = torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])])
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded.contiguous())
-    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+    return [o[:int(s.item())] for o, s in zip(out, sizes)], dist.get_rank()
 
 
-class TeacherQueue:
+def all_gather_rows(x):
+    """Concatenate the (N_p, d) tensors of all processes (N_p may differ); identity alone."""
+    rows, _ = gather_rows_per_process(x)
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+class TeacherQueue(nn.Module):
     """The memory of past teacher embeddings (MoCo style): the last ``iterations`` batches of
-    every process, detached. Plain Python state, not saved in checkpoints."""
+    every process (the caller pushes the gathered batch), detached, raw (before f_theta). Its
+    content is the module's extra state, so it is saved in checkpoints and a resume is exact."""
 
     def __init__(self, iterations):
+        super().__init__()
+        self.iterations = iterations
         self.items = deque(maxlen=iterations) if iterations > 0 else None
 
     def keys(self, like):
@@ -380,23 +348,35 @@ class TeacherQueue:
         return torch.cat(list(self.items)).to(like)
 
     def push(self, v):
+        """v (N,d): this iteration's teacher embeddings of all processes."""
         if self.items is not None:
-            self.items.append(all_gather_rows(v.detach()))
+            self.items.append(v.detach())
+
+    def get_extra_state(self):
+        return {"items": list(self.items or [])}
+
+    def set_extra_state(self, state):
+        if self.items is not None:
+            self.items.clear()
+            self.items.extend(t.detach() for t in state["items"][-self.iterations:])
 
 
 def ckd_loss(z_s, z_t, queue, roi_image, roi_boxes, gamma=0.07, iou_thr=0.5,
-             positive_in_denominator=True):
+             positive_in_denominator=True, num_rois=None):
     """Contrastive KD (G-DetKD sec. 3.2; spec C2): InfoNCE with u = normalize(z_s),
     v = normalize(z_t),
 
         L = -(1/N) sum_i log exp(u_i.v_i/g) / (exp(u_i.v_i/g) + sum_{j in Neg(i)} exp(u_i.v_j/g))
 
-    Neg(i) = the other RoIs of the batch and the queue, minus same-image RoIs with IoU > iou_thr
-    to RoI i. ``positive_in_denominator=False`` drops the first denominator term ([3p-G]).
-    z_s, z_t (R,d); queue (K,d); roi_image (R,) image index; roi_boxes (R,4) xyxy."""
+    Neg(i) = the other RoIs of the batch and ``queue`` (the other processes' current RoIs and
+    the past iterations), minus same-image RoIs with IoU > iou_thr to RoI i.
+    ``positive_in_denominator=False`` drops the first denominator term ([3p-G]).
+    z_s, z_t (R,d); queue (K,d); roi_image (R,) image index; roi_boxes (R,4) xyxy. The keys z_t
+    and queue are used as given (the caller decides what carries a gradient). N = ``num_rois``
+    (the RoI count averaged over processes, as the detection loss's box count), else R."""
     R = z_s.shape[0]
     u = F.normalize(z_s.float(), dim=1)
-    keys = F.normalize(torch.cat([z_t.detach(), queue.to(z_t)]).float(), dim=1)   # (R+K,d)
+    keys = F.normalize(torch.cat([z_t, queue.to(z_t)]).float(), dim=1)            # (R+K,d)
     logits = u @ keys.t() / gamma                                      # (R,R+K), i-th is positive
     eye = torch.eye(R, dtype=torch.bool, device=u.device)
     same = roi_image[:, None] == roi_image[None, :]
@@ -405,11 +385,12 @@ def ckd_loss(z_s, z_t, queue, roi_image, roi_boxes, gamma=0.07, iou_thr=0.5,
     pos = logits.diagonal()                                            # (R,)
     neg = logits.clone()
     neg[:, :R] = neg[:, :R].masked_fill(eye, float("-inf"))
+    N = R if num_rois is None else num_rois
     if positive_in_denominator:
-        return (torch.logsumexp(logits, 1) - pos).mean()
+        return (torch.logsumexp(logits, 1) - pos).sum() / N
     lse = torch.logsumexp(neg, 1)
     has_neg = torch.isfinite(lse)  # a RoI without any negative has no ratio to maximise
-    return torch.where(has_neg, lse - pos, torch.zeros_like(pos)).mean()
+    return torch.where(has_neg, lse - pos, torch.zeros_like(pos)).sum() / N
 
 
 class RoIQueries(nn.Module):
@@ -465,8 +446,10 @@ class GDetKD(nn.Module):
             self.weight_dict["loss_sgfi"] = cfg.sgfi_weight
         if cfg.ckd:
             d_s = C_T if cfg.ckd_embed == "roi" else student.hidden_dim
-            self.ckd_adapter = nn.Linear(d_s, C_T, bias=False)    # g: student -> teacher dim
-            self.ckd_head = nn.Linear(C_T, C_T) if cfg.ckd_shared_head else None
+            # g: student -> teacher width; with the shared head only where the widths differ
+            self.ckd_adapter = (nn.Linear(d_s, C_T, bias=False)
+                                if not cfg.ckd_shared_head or d_s != C_T else None)
+            self.ckd_head = nn.Linear(C_T, C_T) if cfg.ckd_shared_head else None   # f_theta
             if cfg.ckd_embed == "query":
                 self.roi_queries = RoIQueries(max(C_T, student.hidden_dim))
             self.queue = TeacherQueue(cfg.ckd_queue)
@@ -550,10 +533,13 @@ class GDetKD(nn.Module):
             rois, _, _ = sample_rois(dec_s.boxes[-1].float(), targets, cfg)   # (R,5) pixels
             enc_t = self.teacher.encode(images, masks)
         S_hat = T = None
+        # the RoI count averaged over processes: N processes x batch b train as 1 x N b
+        num_rois = mean_over_processes(torch.tensor(float(len(rois)), device=rois.device))
+        num_rois = num_rois.clamp(min=1)
         if cfg.sgfi:
             T, s_rois, _ = self.region_features(images, enc_s, enc_t, rois)
             with torch.autocast(device_type=images.device.type, enabled=False):
-                losses["loss_sgfi"], S_hat, _ = self.sgfi(s_rois, T)
+                losses["loss_sgfi"], S_hat, _ = self.sgfi(s_rois, T, num_rois)
         if cfg.ckd:
             if cfg.ckd_embed == "query":
                 sizes = [tuple(float(v) for v in t["size"]) for t in targets]
@@ -561,14 +547,23 @@ class GDetKD(nn.Module):
             else:  # global-average-pooled RoI features (teacher T_i, student S_hat_i)
                 r_s, r_t = S_hat.mean((2, 3)), T.mean((2, 3))
             with torch.autocast(device_type=images.device.type, enabled=False):
-                z_s, z_t = self.ckd_adapter(r_s.float()), r_t.float().detach()
-                queue = self.queue.keys(z_t)
-                if self.ckd_head is not None:  # the note's shared f_theta on both sides
-                    z_s, z_t, queue = self.ckd_head(z_s), self.ckd_head(z_t), self.ckd_head(queue)
-                losses["loss_ckd"] = ckd_loss(z_s, z_t, queue, rois[:, 0], rois[:, 1:],
+                r_t = r_t.float().detach()                               # (R,D_T) raw teacher
+                # this iteration's teacher embeddings of every process: the other processes'
+                # are negatives in this very step, as the queue will be later ([3p-G])
+                everyone, rank = gather_rows_per_process(r_t)
+                others = [x for j, x in enumerate(everyone) if j != rank]
+                extra = torch.cat(others + [self.queue.keys(r_t)])        # (K,D_T) raw
+                z_s = r_s.float()
+                if self.ckd_adapter is not None:
+                    z_s = self.ckd_adapter(z_s)                          # (R,D_S) -> (R,D_T)
+                z_t = r_t
+                if self.ckd_head is not None:  # f_theta on both sides; every key (current,
+                    # other processes', queued) goes through it alike, with its gradient
+                    z_s, z_t, extra = self.ckd_head(z_s), self.ckd_head(z_t), self.ckd_head(extra)
+                losses["loss_ckd"] = ckd_loss(z_s, z_t, extra, rois[:, 0], rois[:, 1:],
                                               cfg.ckd_gamma, cfg.ckd_iou_thr,
-                                              cfg.ckd_positive_in_denominator)
-            self.queue.push(r_t.float())  # raw teacher embeddings: the head is applied at use
+                                              cfg.ckd_positive_in_denominator, num_rois)
+            self.queue.push(torch.cat(everyone))  # raw: the head is applied at use
         return losses
 
 
@@ -576,19 +571,17 @@ class GDetKD(nn.Module):
 # --visualize: the RoIs and SGFI's level weights
 # ------------------------------------------------------------------------------------------
 
-LEVEL_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180)]
+def level_colour(lvl):
+    """The colour of student level lvl: red, green, blue, orange, purple."""
+    return figures.PALETTE[[0, 1, 3, 4, 5][int(lvl) % 5]]
 
 
 @torch.no_grad()
-def visualize(distiller, args, out_dir, num_images=4):
-    """PNG per validation image (4x zoom): the sampled RoIs, negatives thin grey, positives
-    (GT thickest) coloured by the student level SGFI weights most; above each positive, its
-    teacher level "t<k>" and one bar per student level l of height a^l. The top strip gives each
+def visualize(distiller, dataset, out_dir, num_images=4):
+    """One PNG per validation image: the sampled RoIs, negatives thin grey, positives (GT
+    thickest) coloured by the student level SGFI weights most; above each positive, its teacher
+    level "t<k>" and one bar per student level l of height a^l. The key below gives each
     student level's colour and stride."""
-    from PIL import Image, ImageDraw
-    from common.data import IMAGENET_MEAN, IMAGENET_STD, build_dataset, collate
-    os.makedirs(out_dir, exist_ok=True)
-    dataset = build_dataset("val", args)
     device = next(distiller.student.parameters()).device
     images, masks, targets = engine.to_device(
         *collate([dataset[i] for i in range(min(num_images, len(dataset)))]), device)
@@ -603,38 +596,35 @@ def visualize(distiller, args, out_dir, num_images=4):
             images, masks), rois)
         _, _, a = distiller.sgfi(s_rois, T)                                  # (L,R)
         strides = distiller.student_pyramid(images, enc_s)[1]
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    zoom, paths = 4, []
+    paths = []
     for b in range(len(targets)):
         h, w = (int(v) for v in targets[b]["size"])
-        pic = ((images[b, :, :h, :w].cpu() * std + mean).clamp(0, 1) * 255).byte()
-        img = Image.fromarray(pic.permute(1, 2, 0).numpy()).resize((w * zoom, h * zoom), Image.NEAREST)
-        canvas = Image.new("RGB", (img.width, img.height + 16), (0, 0, 0))
-        canvas.paste(img, (0, 16))
-        draw = ImageDraw.Draw(canvas)
-        if a is not None:
-            for lvl, st in enumerate(strides):
-                draw.text((4 + 70 * lvl, 2), f"S{lvl} /{st}", fill=LEVEL_COLOURS[lvl % 5])
-        for i in (rois[:, 0] == b).nonzero().flatten().tolist():
-            box = [float(v) * zoom for v in rois[i, 1:]]
-            box[1] += 16
-            box[3] += 16
+        img = figures.to_pil(images[b], (h, w), figures.zoom_for((h, w)))
+        draw, zoom = ImageDraw.Draw(img), img.width / w
+        mine = (rois[:, 0] == b).nonzero().flatten().tolist()
+        boxes = xyxy_to_cxcywh(rois[:, 1:].float().cpu()) / torch.tensor([w, h, w, h])  # normalised
+        for i in mine:
             if not is_pos[i]:
-                draw.rectangle(box, outline=(128, 128, 128), width=1)
+                figures.draw_boxes(img, boxes[i], figures.GREY, width=1)
                 continue
-            colour = (255, 255, 255) if a is None else LEVEL_COLOURS[int(a[:, i].argmax()) % 5]
-            draw.rectangle(box, outline=colour, width=3 if is_gt[i] else 2)
+            colour = figures.WHITE if a is None else level_colour(a[:, i].argmax())
+            figures.draw_boxes(img, boxes[i], colour, width=3 if is_gt[i] else 2)
             if a is not None:  # a bar per student level (height a^l) and the teacher level
-                x0, y0 = box[0], max(box[1] - 24, 16)
-                draw.rectangle([x0, y0, x0 + 22 + 8 * a.shape[0], y0 + 22], fill=(0, 0, 0))
-                draw.text((x0 + 2, y0 + 5), f"t{int(level[i])}", fill=(255, 255, 255))
+                x0, y0 = float(rois[i, 1]) * zoom, max(float(rois[i, 2]) * zoom - 24, 0)
+                draw.rectangle([x0, y0, x0 + 22 + 8 * a.shape[0], y0 + 22], fill=figures.BLACK)
+                draw.text((x0 + 2, y0 + 4), f"t{int(level[i])}", fill=figures.WHITE, font=figures.font())
                 for lvl in range(a.shape[0]):
                     top = y0 + 21 - 20 * float(a[lvl, i])
                     draw.rectangle([x0 + 20 + 8 * lvl, top, x0 + 26 + 8 * lvl, y0 + 21],
-                                   fill=LEVEL_COLOURS[lvl % 5])
-        paths.append(os.path.join(out_dir, f"gdetkd_{int(targets[b]['image_id'])}.png"))
-        canvas.save(paths[-1])
-    print(f"visualize: wrote {len(paths)} figures to {out_dir}", flush=True)
+                                   fill=level_colour(lvl))
+        entries = [(figures.GREY, "negative RoI"), (None, "thick: GT RoI")]
+        if a is not None:
+            entries += [(level_colour(lvl), f"student level S{lvl} (stride {st})")
+                        for lvl, st in enumerate(strides)]
+            entries += [(None, "tk: teacher level; bars: SGFI weight a^l per student level")]
+        fig = figures.sheet([[figures.panel(img, "G-DetKD: sampled RoIs, SGFI level weights")]],
+                            [figures.legend(entries, img.width)])
+        paths.append(figures.save(fig, out_dir, "gdetkd", targets[b]["image_id"]))
     return paths
 
 
@@ -655,15 +645,15 @@ HELP = {
     "ckd_embed": "CKD region embeddings: decoders on box queries, or pooled RoI features",
     "ckd_gamma": "CKD temperature", "ckd_queue": "iterations of teacher embeddings in the queue",
     "ckd_iou_thr": "same-image negatives above this IoU are dropped",
-    "ckd_shared_head": "a shared linear head on both sides before the cosine",
+    "ckd_shared_head": "one linear projection f_theta shared by student and teacher before the "
+                       "cosine (the paper note's form); off: a student-side adapter only",
     "ckd_positive_in_denominator": "standard InfoNCE (off: the [3p-G] ratio pos / sum neg)",
 }
 
 
 def add_args(parser):
     g = distill.add_config_args(parser, GDetKDConfig, "G-DetKD", HELP, CHOICES)
-    g.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of the RoIs and SGFI level weights for a few val images")
+    figures.add_args(g, "the sampled RoIs and SGFI level weights")
     return parser
 
 
@@ -676,7 +666,8 @@ def main(argv=None):
     distiller = GDetKD(cfg, teacher, run.student, run.num_classes)
     stats = engine.train(run, distiller)
     if args.visualize and is_main_process():  # one process draws
-        visualize(distiller, args, args.visualize)
+        paths = visualize(distiller, run.dataset_val, args.visualize, args.visualize_images)
+        print(f"visualize: wrote {len(paths)} figures to {args.visualize}", flush=True)
     distill.print_summary(args, run, teacher, stats)
     return stats
 

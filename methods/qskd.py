@@ -30,11 +30,14 @@ every one is a flag so it can be set to the paper's value once verified:
   - AGFD: teacher's last decoder layer selects; head-averaged cross-attention (dense weights, or
     deformable sampling weights splatted bilinearly onto each level); mask = sum of maps,
     max-normalised per image and level; masked MSE on the encoder memory normalised by
-    sum(M) * d per level, summed over levels; linear adapter only when widths differ; weight 1.
+    sum(M) * d per level (sum(M) averaged over processes), summed over levels; linear adapter
+    only when widths differ; weight 1.
   - LAPD: Hungarian match inside each group pair, cost 1 * soft-BCE + 5 * L1 - 2 * GIoU (the
     DETRDistill HMLD cost, [code]: BIVLab-USTC/DETRDistill DistillCrossEntropyLossCost); loss
     lambda_cls * soft-BCE (DETRDistill's distill_cross_entropy_loss, [code]) + 5 L1 + 2 (1-GIoU)
-    per pair, averaged over the pairs of the local batch; every layer, student layer i against
+    per pair, averaged over the pairs (their count averaged over processes, as the detection
+    loss's box count: N processes x batch b train like one x batch N b); every layer, student
+    layer i against
     teacher layer ceil(i * L_T / L_S) (1-based); the "kl" class option's temperature is a
     placeholder (1) with no source value.
   - DINO's denoising queries never enter GQS, AGFD or LAPD; no teacher-query injection, no
@@ -62,18 +65,22 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from PIL import ImageDraw
 from torchvision.ops import generalized_box_iou_loss
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import distill, engine, ops  # noqa: E402
+from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
 from common.distributed import is_main_process  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.matcher import pad_targets  # noqa: E402
 
 SUPPORTED = ("conditional_detr", "dab_detr", "deformable_detr", "dino")
+COSINE_FLOOR = 0.01  # DETRDistill's TAFD mask floor, clamp(min=1e-2) [code]
 
 
 # ------------------------------------------------------------------------------------------
@@ -99,7 +106,8 @@ class QSKDConfig:
     agfd_layers: str = _f("last", "teacher layer(s) whose selection builds the mask: last, or all "
                                   "(averaged)")
     attention_source: str = _f("attention", "a_i: real cross-attention (dense weights or splatted "
-                                            "deformable samples), similarity, or cosine")
+                                            "deformable samples), similarity, or cosine "
+                                            "(DETRDistill's map: summed cosines floored at 0.01)")
     query_weight: str = _f("uniform", "w_i: uniform (1), or confidence (teacher's max sigmoid)")
     mask_norm: str = _f("max", "mask normalisation per image and level: max or sum")
     feature_source: str = _f("memory", "imitated features: encoder memory, or neck (input "
@@ -249,17 +257,18 @@ def splat_attention_map(sampling_locations, attention_weights, spatial_shapes_li
 
 
 def similarity_map(hs, feats, padding_mask, query_weights, kind="similarity"):
-    """Attention-agnostic surrogates of a_i: "similarity" softmax_s(<h_i, F_s> / sqrt(d)) over the
-    non-padded positions; "cosine" max(cos(h_i, F_s), 0) (DETRDistill's cosine map, clamped).
+    """Attention-agnostic surrogates of sum_i w_i a_i: "similarity" sum_i w_i softmax_s(<h_i, F_s>
+    / sqrt(d)) over the non-padded positions; "cosine" DETRDistill's map (its TAFD mask, A4):
+    max(sum_i w_i cos(h_i, F_s), 0.01), the signed cosines summed first, then floored.
 
     hs (B,Q,D) teacher decoder states; feats (B,S,D) teacher features; padding_mask (B,S) True on
-    padding; query_weights (B,Q) -> (B,S)."""
+    padding (0 there); query_weights (B,Q) -> (B,S)."""
     if kind == "cosine":
         a = torch.einsum("bqd,bsd->bqs", F.normalize(hs, dim=-1), F.normalize(feats, dim=-1))
-        a = a.clamp(min=0.0)
-    else:
-        a = torch.einsum("bqd,bsd->bqs", hs, feats) / math.sqrt(hs.shape[-1])  # (B,Q,S)
-        a = a.masked_fill(padding_mask[:, None, :], float("-inf")).softmax(-1)
+        raw = torch.einsum("bq,bqs->bs", query_weights, a).clamp(min=COSINE_FLOOR)  # (B,S)
+        return raw.masked_fill(padding_mask, 0.0)
+    a = torch.einsum("bqd,bsd->bqs", hs, feats) / math.sqrt(hs.shape[-1])      # (B,Q,S)
+    a = a.masked_fill(padding_mask[:, None, :], float("-inf")).softmax(-1)
     return torch.einsum("bq,bqs->bs", query_weights, a.masked_fill(padding_mask[:, None, :], 0.0))
 
 
@@ -273,17 +282,30 @@ def normalise_mask(raw, spatial_shapes_list, mode="max"):
     return torch.cat(out, 1)
 
 
+def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
+    """A normaliser averaged over processes, as the detection loss's box count, so that N
+    processes x batch b train like one process x batch N b; the value itself alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x = x / dist.get_world_size()
+    return x
+
+
 def agfd_loss(feat_teacher, feat_student, mask, spatial_shapes_list):
     """L_AGFD = sum_levels [ sum_hw M_hw ||F^T_hw - phi(F^S_hw)||^2 / (sum_hw M_hw * d) ]
-    (spec C2 eq.), sums over the level's cells and the batch; an all-zero mask gives 0.
+    (spec C2 eq.), sums over the level's cells and the batch; sum_hw M_hw is averaged over
+    processes; an all-zero mask gives 0.
 
     feat_teacher, feat_student (B,S,d) (the student already through the adapter phi); mask (B,S)."""
     d = feat_teacher.shape[-1]
     err = (feat_teacher - feat_student).pow(2).sum(-1)                          # (B,S)
     sizes = [h * w for h, w in spatial_shapes_list]
+    masks, errs = mask.split(sizes, 1), err.split(sizes, 1)
+    mass = mean_over_processes(torch.stack([m.sum() for m in masks]))           # (levels,)
     loss = feat_student.new_zeros(())
-    for m, e in zip(mask.split(sizes, 1), err.split(sizes, 1)):
-        loss = loss + (m * e).sum() / (m.sum() * d).clamp(min=torch.finfo(m.dtype).tiny)
+    for m, e, n in zip(masks, errs, mass):
+        loss = loss + (m * e).sum() / (n * d).clamp(min=torch.finfo(m.dtype).tiny)
     return loss
 
 
@@ -381,13 +403,15 @@ def local_pairs(blocks, cfg: QSKDConfig):
 
 def lapd_loss(z_s, b_s, z_t, b_t, cfg: QSKDConfig):
     """L_LAPD^l (spec C3.3) over the K pairs of a layer: z (K,C) logits, b (K,4) cxcywh ->
-    (1/max(K,1)) sum [lambda_cls KD_cls + lambda_l1 |b_s - b_t|_1 + lambda_giou (1 - GIoU)].
+    (1/max(K',1)) sum [lambda_cls KD_cls + lambda_l1 |b_s - b_t|_1 + lambda_giou (1 - GIoU)],
+    K' = the pair count averaged over processes (K alone).
     The soft BCE's minimum is the teacher's entropy, not 0: the logged value never reaches 0."""
     cls = kd_cls_loss(z_s, z_t, cfg.kd_cls, cfg.temperature).sum()
     l1 = (b_s - b_t).abs().sum()
     giou = generalized_box_iou_loss(cxcywh_to_xyxy(b_s), cxcywh_to_xyxy(b_t), reduction="sum",
                                     eps=torch.finfo(b_s.dtype).tiny)
-    return (cfg.lambda_cls * cls + cfg.lambda_l1 * l1 + cfg.lambda_giou * giou) / max(z_s.shape[0], 1)
+    pairs = mean_over_processes(torch.tensor(float(z_s.shape[0]), device=z_s.device)).clamp(min=1)
+    return (cfg.lambda_cls * cls + cfg.lambda_l1 * l1 + cfg.lambda_giou * giou) / pairs
 
 
 # ------------------------------------------------------------------------------------------
@@ -538,23 +562,17 @@ class QSKD(nn.Module):
 # --visualize: what QSKD distils, for a few validation images
 # ------------------------------------------------------------------------------------------
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
-
-
 @torch.no_grad()
-def visualize(distiller: QSKD, dataset, out_dir, num_images=4, min_side=256):
+def visualize(distiller: QSKD, dataset, out_dir, num_images=4):
     """One PNG per image: [teacher groups | student groups + LAPD pairs | AGFD mask per level].
 
     Groups (GQS, teacher at the last layer, student at its last layer): one colour per GT
     (white); the matched query thick, hard negatives thin; easy negatives not drawn. LAPD pairs:
-    a line from each student query's box centre to its teacher partner's. The AGFD mask M of
-    each feature level is overlaid in red. Returns the written paths."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-    from common.data import IMAGENET_MEAN, IMAGENET_STD, collate
+    a line from each student query's box centre to its teacher partner's (grey). The AGFD mask
+    M of each feature level is laid over the image. Returns the written paths."""
+    def colour(i):  # one colour per GT
+        return figures.PALETTE[int(i) % len(figures.PALETTE)]
 
-    os.makedirs(out_dir, exist_ok=True)
     distiller.eval()
     device = next(distiller.student.parameters()).device
     paths = []
@@ -563,60 +581,43 @@ def visualize(distiller: QSKD, dataset, out_dir, num_images=4, min_side=256):
         t_enc, t_dec = distiller.teacher_forward(images, masks)
         s_dec = distiller.student.decode(distiller.student.encode(images, masks))
         sel = distiller.select(t_enc, t_dec, s_dec, targets)
-        h, w = (int(v) for v in targets[0]["size"])
-        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-        rgb = ((images[0, :, :h, :w].cpu() * std + mean).clamp(0, 1) * 255).byte()
-        base = Image.fromarray(rgb.permute(1, 2, 0).numpy())
-        scale = max(1.0, min_side / min(h, w))
-        base = base.resize((round(w * scale), round(h * scale)))
-        to_px = torch.tensor([w, h, w, h]) * scale
+        size = targets[0]["size"]
+        base = figures.to_pil(images[0], size, figures.zoom_for(size))
 
-        def draw_boxes(img, boxes, groups, title, pairs=None, partner_boxes=None):
-            d = ImageDraw.Draw(img)
-            for gt in targets[0]["boxes"].cpu():
-                d.rectangle((cxcywh_to_xyxy(gt) * to_px).tolist(), outline=(255, 255, 255), width=1)
+        def groups_panel(boxes, groups, title, pairs=None, partner_boxes=None):
+            img = base.copy()
+            figures.draw_boxes(img, targets[0]["boxes"], figures.WHITE, width=1)
             g, pos = groups.group[0].cpu(), groups.positive[0].cpu()
             for q in torch.nonzero(g >= 0).flatten().tolist():
-                d.rectangle((cxcywh_to_xyxy(boxes[q]) * to_px).tolist(),
-                            outline=PALETTE[int(g[q]) % len(PALETTE)], width=3 if pos[q] else 1)
+                figures.draw_boxes(img, boxes[q], colour(g[q]), 3 if pos[q] else 1)
             if pairs is not None:  # teacher partner boxes in grey, a line to each
+                d, to_px = ImageDraw.Draw(img), torch.tensor([img.width, img.height])
                 for qs, qt in zip(*pairs):
-                    d.rectangle((cxcywh_to_xyxy(partner_boxes[qt]) * to_px).tolist(),
-                                outline=(160, 160, 160), width=1)
-                    a, b = boxes[qs][:2] * to_px[:2], partner_boxes[qt][:2] * to_px[:2]
-                    d.line(a.tolist() + b.tolist(), fill=PALETTE[int(g[qs]) % len(PALETTE)], width=1)
-            d.text((3, 3), title, fill=(255, 255, 255))
-            return img
+                    figures.draw_boxes(img, partner_boxes[qt], figures.GREY, width=1)
+                    a, b = boxes[qs][:2] * to_px, partner_boxes[qt][:2] * to_px
+                    d.line(a.tolist() + b.tolist(), fill=colour(g[qs]), width=1)
+            return figures.panel(img, title)
 
         lt_last = distiller.layer_map[-1]
-        panels = [draw_boxes(base.copy(), t_dec.boxes[lt_last, 0].cpu(), sel["t_groups"][lt_last],
-                             "teacher GQS")]
+        panels = [groups_panel(t_dec.boxes[lt_last, 0].cpu(), sel["t_groups"][lt_last], "teacher GQS")]
         if sel["pairs"] is not None:
             b, qs, qt = sel["pairs"][-1]
-            panels.append(draw_boxes(base.copy(), s_dec.boxes[-1, 0].cpu(), sel["s_groups"][-1],
-                                     "student GQS + LAPD pairs", (qs.tolist(), qt.tolist()),
-                                     t_dec.boxes[lt_last, 0].cpu()))
+            panels.append(groups_panel(s_dec.boxes[-1, 0].cpu(), sel["s_groups"][-1],
+                                       "student GQS + LAPD pairs", (qs.tolist(), qt.tolist()),
+                                       t_dec.boxes[lt_last, 0].cpu()))
         if sel["mask"] is not None:
             start = 0
             for lvl, (H, W) in enumerate(t_enc.spatial_shapes_list):
-                m = sel["mask"][0, start:start + H * W].view(1, 1, H, W).cpu()
+                m = sel["mask"][0, start:start + H * W].view(H, W)                 # (H_l,W_l)
                 start += H * W
-                hv, wv = max(1, math.ceil(H * h / images.shape[2])), max(1, math.ceil(W * w / images.shape[3]))
-                m = F.interpolate(m[:, :, :hv, :wv], size=base.size[::-1], mode="nearest")[0, 0]
-                heat = torch.stack([m, torch.zeros_like(m), torch.zeros_like(m)], -1) * 255
-                over = (torch.from_numpy(np.array(base)).float() * 0.45 + heat * 0.55)
-                img = Image.fromarray(over.clamp(0, 255).byte().numpy())
-                ImageDraw.Draw(img).text((3, 3), f"AGFD mask, level {lvl} ({H}x{W})", fill=(255, 255, 255))
-                panels.append(img)
-        sheet = Image.new("RGB", (sum(p.size[0] for p in panels) + 4 * (len(panels) - 1),
-                                  base.size[1]), (0, 0, 0))
-        x = 0
-        for p in panels:
-            sheet.paste(p, (x, 0))
-            x += p.size[0] + 4
-        path = os.path.join(out_dir, f"qskd_{int(targets[0]['image_id'])}.png")
-        sheet.save(path)
-        paths.append(path)
+                panels.append(figures.panel(figures.heat_overlay(base, m, images.shape[-2:], size),
+                                            f"AGFD mask, level {lvl} ({H}x{W})"))
+        width = figures.row_width(panels)
+        key = figures.legend([(figures.WHITE, "GT"), (colour(0), "group of a GT (one colour each)"),
+                              (None, "thick: matched query, thin: hard negative"),
+                              (figures.GREY, "teacher partner of a LAPD pair")], width)
+        fig = figures.sheet([panels], [key, figures.colorbar(width, "mask 0", "1")])
+        paths.append(figures.save(fig, out_dir, "qskd", targets[0]["image_id"]))
     return paths
 
 
@@ -628,9 +629,7 @@ def add_qskd_args(parser):
     """One flag per QSKDConfig field (--tau, --tau-mode, --no-agfd, ...), defaults from it."""
     g = distill.add_config_args(parser, QSKDConfig,
                                 "QSKD (all [recon] unless the docstring says otherwise)")
-    g.add_argument("--visualize", default=None, metavar="DIR",
-                   help="write PNGs of groups, LAPD pairs and AGFD masks for a few val images")
-    g.add_argument("--visualize-images", dest="visualize_images", type=int, default=4)
+    figures.add_args(g, "the GQS groups, LAPD pairs and AGFD masks")
     return parser
 
 

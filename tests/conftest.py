@@ -5,13 +5,18 @@ and an extension built with CUDA kernels; they are skipped otherwise.
 """
 import os
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "methods")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import baseline  # noqa: E402  (methods/baseline.py)
+from common import ops  # noqa: E402
 
 
 def pytest_configure(config):
@@ -22,7 +27,6 @@ def pytest_configure(config):
 def _cuda_ready():
     if not torch.cuda.is_available():
         return False, "no CUDA GPU"
-    from common import ops
     if ops.backend("cuda") != "ext":
         return False, "the extension was built without CUDA kernels"
     return True, ""
@@ -48,3 +52,25 @@ def _seed_and_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@dataclass
+class TinyTeacher:
+    path: str     # its checkpoint
+    data: list    # the data flags it was trained with: 8 + 4 embedded images, one iteration
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """One cpu-tiny Deformable DETR teacher for every method test: methods/baseline.py, one
+    iteration on 8 embedded training images (4 validation), on one thread."""
+    tmp = tmp_path_factory.mktemp("tiny_teacher")
+    data = ["--synth-num-train", "8", "--synth-num-val", "4", "--data-cache", str(tmp / "cache"),
+            "--num-workers", "0", "--max-iters", "1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        baseline.main(["--preset", "cpu-tiny", "--output-dir", str(tmp / "teacher")] + data)
+    finally:
+        torch.set_num_threads(threads)
+    return TinyTeacher(str(tmp / "teacher" / "checkpoint.pth"), data)

@@ -52,6 +52,22 @@ def test_two_iterations_train_and_evaluate(trained):
     assert (out / "checkpoint.pth").is_file()
 
 
+def test_checkpoint_names_the_categories_and_the_detections_are_written(trained):
+    """The checkpoint carries the data set's categories in label order (read here from the
+    annotation file itself), and the last evaluation's detections are a COCO results file that
+    pycocotools loads, one entry per recorded detection."""
+    common, out, stats, detections = trained
+    ann = next((out.parent / "cache").glob("synthetic-*")) / "annotations" / "instances_val2017.json"
+    cats = sorted(json.loads(ann.read_text())["categories"], key=lambda c: c["id"])
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["categories"] == [{"id": c["id"], "name": c["name"]} for c in cats]
+    from pycocotools.coco import COCO
+    gt = COCO(str(ann))
+    dt = gt.loadRes(str(out / "detections_val.json"))
+    assert len(dt.getAnnIds()) == sum(len(r["scores"]) for _, r in detections)
+    assert set(dt.getImgIds()) == {i for i, _ in detections}
+
+
 def test_eval_only_matches_end_of_training(trained, monkeypatch):
     common, out, stats, detections = trained
     seen = _capture_detections(monkeypatch)

@@ -13,7 +13,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "methods"))
-import baseline  # noqa: E402
 import clockdistill as C  # noqa: E402
 from common import engine  # noqa: E402
 from common.checkpoint import read_checkpoint  # noqa: E402
@@ -481,13 +480,11 @@ def test_each_image_decoded_on_its_own():
 # ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_teacher):
     tmp = tmp_path_factory.mktemp("clockdistill")
-    common = ["--preset", "cpu-tiny", "--synth-num-train", "8", "--synth-num-val", "4",
-              "--data-cache", str(tmp / "cache"), "--num-workers", "0", "--max-iters", "1"]
-    baseline.main(common + ["--output-dir", str(tmp / "teacher")])
+    common = ["--preset", "cpu-tiny"] + tiny_teacher.data
     out = tmp / "student"
-    stats = C.main(common + ["--teacher", str(tmp / "teacher" / "checkpoint.pth"),
+    stats = C.main(common + ["--teacher", tiny_teacher.path,
                              "--hidden-dim", "16", "--output-dir", str(out),
                              "--visualize", str(tmp / "figs"), "--visualize-images", "2"])
     return common, tmp, out, stats
@@ -504,9 +501,7 @@ def test_one_iteration_run(run):
     assert set(ckpt["model"]) == set(student.state_dict())                      # invariant 20
     assert "adapter.weight" in ckpt["extra"]
     assert not any(k.startswith("teacher.") for k in ckpt["extra"])
-    data = [a for a in common if a not in ("--preset", "cpu-tiny")]  # the model from the checkpoint
-    again = baseline.main(data + ["--eval", "--resume", str(out / "checkpoint.pth")])
-    assert again["AP"] == stats["test_AP"]
+    # (baseline --eval of the checkpoint: test_methods_contract.py)
 
 
 def test_visualize_writes_figures(run):
@@ -521,6 +516,45 @@ def test_visualize_writes_figures(run):
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
 
 
-def test_visualize_needs_a_checkpoint():
-    with pytest.raises(ValueError, match="--visualize"):
-        C.main(["--visualize", "/tmp/nowhere", "--teacher", __file__])
+# ------------------------------------------------------------------------------------------
+# Reference forms: each model gets its own (target-aware queries, teacher-query pass)
+# ------------------------------------------------------------------------------------------
+
+def test_reference_form_chosen_per_model():
+    """A refining Deformable teacher takes the GT box, a plain Deformable student its centre:
+    a plain student never sees 4-D boxes it was not built for."""
+    t, _ = _models("deformable_detr", {"with_box_refine": True})
+    _, s = _models("deformable_detr")
+    d = C.CLoCKDistiller(C.CLoCKConfig(), t, s, NC)
+    images, masks, targets = _batch()
+    seen_t, seen_s = [], []
+    _record_decode(t, seen_t)
+    _record_decode(s, seen_s)
+    d.train()
+    d(images, masks, targets)
+    seen_s = [q for q in seen_s if q is not None]
+    assert len(seen_t) == len(seen_s) == 2
+    for b, (qt, qs) in enumerate(zip(seen_t, seen_s)):
+        gt = targets[b]["boxes"]
+        assert torch.equal(qt.reference[0], gt)                      # teacher: the whole box
+        assert torch.equal(qs.reference[0], gt[:, :2])               # student: the centre
+        assert torch.equal(qt.content, qs.content) and torch.equal(qt.pos, qs.pos)
+
+
+def test_teacher_queries_decoded_at_the_teachers_reference_points():
+    """Conditional DETR: the teacher-query pass gives the student the teacher's reference points
+    sigmoid(ref_point_head_T(p_q)), not its own ref_point_head's."""
+    t, s = _models("conditional_detr")
+    d = C.CLoCKDistiller(C.CLoCKConfig(teacher_queries_through_student=True, lcmd=False), t, s, NC)
+    seen = []
+    _record_decode(s, seen)
+    d.train()
+    d(*_batch())
+    tq = [q for q in seen if q is not None and q.content.shape[1] == t.num_queries]
+    assert len(tq) == 1
+    with torch.no_grad():
+        want = t.transformer.decoder.ref_point_head(t.query_embed.weight).sigmoid()   # (Q,2)
+        own = s.transformer.decoder.ref_point_head(s.query_embed.weight).sigmoid()
+    assert tq[0].reference is not None
+    torch.testing.assert_close(tq[0].reference, want[None].expand(2, -1, -1))
+    assert not torch.allclose(want, own, atol=1e-3)                  # the test can tell them apart

@@ -325,6 +325,32 @@ def test_built_from_a_model_config():
     assert deform.weight_dict["loss_bbox_enc"] == 5.0 and deform.enc_class_agnostic
 
 
+def test_one_source_of_variant_defaults_and_no_model_import():
+    """The criterion reads the per-variant defaults from common.config, the module the model
+    reads too, and never imports the model (layering: config -> criterion -> detr)."""
+    import subprocess
+    import sys
+    code = ("import sys; from common.config import CONFIGS; "
+            "from common.criterion import build_criterion, build_postprocess; "
+            "build_criterion(CONFIGS['dino'](dec_layers=2), 5); build_postprocess('detr'); "
+            "assert 'common.detr' not in sys.modules, sorted(m for m in sys.modules "
+            "if m.startswith('common'))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+    from common import config, detr
+    assert detr.CONFIGS is config.CONFIGS
+    # a changed default reaches the criterion: the same name, a patched table entry
+    cfg = config.CONFIGS["dab_detr"](matcher_weights=(3.0, 4.0, 1.0), focal_alpha=0.5,
+                                     num_select=7)
+    crit = build_criterion(cfg, 5)
+    assert (crit.matcher.cost_class, crit.matcher.cost_bbox, crit.matcher.cost_giou) == \
+        (3.0, 4.0, 1.0)
+    assert crit.focal_alpha == crit.matcher.focal_alpha == 0.5
+    assert build_postprocess(cfg).num_select == 7
+    with pytest.raises(TypeError, match="expected a variant name, a model config or a model"):
+        build_criterion(object(), 5)
+
+
 def test_bad_input_raises_clear_errors():
     outputs, targets = random_case([2, 1], 5, 3)
     criterion = focal_criterion(3)

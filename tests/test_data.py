@@ -11,6 +11,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 
 from common import data as D
+from common import synthetic as S
 
 MEAN = torch.tensor(D.IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(D.IMAGENET_STD).view(3, 1, 1)
@@ -320,13 +321,13 @@ def read_info(root, split):
 
 
 def test_synthetic_is_deterministic_and_versioned(tmp_path):
-    a = D.generate_synthetic(tmp_path / "a", "easy", seed=0, num_train=6, num_val=3, workers=1)
-    b = D.generate_synthetic(tmp_path / "b", "easy", seed=0, num_train=6, num_val=3, workers=2)
-    c = D.generate_synthetic(tmp_path / "c", "easy", seed=1, num_train=6, num_val=3, workers=1)
-    small = D.generate_synthetic(tmp_path / "small", "easy", seed=0, num_train=3, num_val=1, workers=1)
+    a = S.generate_synthetic(tmp_path / "a", "easy", seed=0, num_train=6, num_val=3, workers=1)
+    b = S.generate_synthetic(tmp_path / "b", "easy", seed=0, num_train=6, num_val=3, workers=2)
+    c = S.generate_synthetic(tmp_path / "c", "easy", seed=1, num_train=6, num_val=3, workers=1)
+    small = S.generate_synthetic(tmp_path / "small", "easy", seed=0, num_train=3, num_val=1, workers=1)
     for split in ("train", "val"):
         ia, ib, ic = (read_info(r, split)["info"] for r in (a, b, c))
-        assert ia["version"] == str(D.SYNTH_VERSION) and ia["preset"] == "easy" and ia["seed"] == 0
+        assert ia["version"] == str(S.SYNTH_VERSION) and ia["preset"] == "easy" and ia["seed"] == 0
         assert len(ia["content_hash"]) == 16
         assert ia["content_hash"] == ib["content_hash"]     # same seed: same set, whatever the worker count
         assert ia["content_hash"] != ic["content_hash"]     # another seed: another set
@@ -337,20 +338,20 @@ def test_synthetic_is_deterministic_and_versioned(tmp_path):
         assert np.array_equal(np.asarray(Image.open(a / "train2017" / name)),
                               np.asarray(Image.open(small / "train2017" / name)))
     # the recorded hash matches the files, and a fresh draw matches them bit for bit
-    assert D.verify_synthetic(a, regenerate=2) == {s: read_info(a, s)["info"]["content_hash"] for s in ("train", "val")}
+    assert S.verify_synthetic(a, regenerate=2) == {s: read_info(a, s)["info"]["content_hash"] for s in ("train", "val")}
     # any change to a pixel is caught
     path = a / "val2017" / "000002.png"
     px = np.asarray(Image.open(path)).copy()
     px[0, 0, 0] ^= 1
     Image.fromarray(px).save(path)
     with pytest.raises(ValueError, match="content hash"):
-        D.verify_synthetic(a)
+        S.verify_synthetic(a)
 
 
 def test_synthetic_content_is_detection_like(tmp_path):
-    root = D.generate_synthetic(tmp_path, "hard", seed=3, num_train=40, num_val=2, workers=1)
+    root = S.generate_synthetic(tmp_path, "hard", seed=3, num_train=40, num_val=2, workers=1)
     data = read_info(root, "train")
-    preset = D.SYNTH_PRESETS["hard"]
+    preset = S.SYNTH_PRESETS["hard"]
     assert [c["name"] for c in data["categories"]] == list(preset.classes)
     sides, per_image, cats = [], {}, set()
     for a in data["annotations"]:
@@ -384,7 +385,7 @@ def test_build_dataset_synthetic_uses_the_cache(tmp_path, monkeypatch):
     assert image.dtype == torch.float32 and image.shape[0] == 3
     assert (t["labels"] >= 0).all() and (t["labels"] < 10).all()
     # second use: no regeneration
-    monkeypatch.setattr(D, "generate_synthetic", lambda *a, **k: pytest.fail("regenerated a cached set"))
+    monkeypatch.setattr(S, "generate_synthetic", lambda *a, **k: pytest.fail("regenerated a cached set"))
     val = D.build_dataset("val", **kw)
     assert len(val) == 2 and val[0][0].shape == (3, 128, 128)   # validation size = the generated size
     # a cache folder whose json describes something else is refused, not silently used
@@ -402,10 +403,10 @@ def test_build_dataset_synthetic_uses_the_cache(tmp_path, monkeypatch):
 def test_synthetic_without_scikit_image_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage", None)       # makes "import skimage" raise ImportError
     monkeypatch.setitem(sys.modules, "skimage.data", None)
-    D._source_image.cache_clear()
+    S._source_image.cache_clear()
     try:
         with pytest.raises(ImportError, match="pip install scikit-image"):
             D.build_dataset("train", data="synthetic", data_cache=tmp_path, synth_num_train=2, synth_num_val=1)
         assert list(tmp_path.iterdir()) == []                # no half-written set left behind
     finally:
-        D._source_image.cache_clear()
+        S._source_image.cache_clear()

@@ -16,7 +16,6 @@ import torchvision.ops as tvops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "methods"))
-import baseline  # noqa: E402
 import detrdistill as dd  # noqa: E402
 from common import engine  # noqa: E402
 from common.checkpoint import read_checkpoint  # noqa: E402
@@ -399,6 +398,38 @@ def test_qpad_does_not_touch_the_students_own_outputs():
     assert "loss_qpad_ce" in a and not any(k.startswith("loss_qpad") for k in b)
 
 
+@pytest.mark.parametrize("variant", ["deformable_detr", "conditional_detr"])
+def test_qpad_group_gets_its_own_encoder_pass(variant):
+    """The official forward_train_teacher_group recomputes the student transformer for the
+    teacher-query group: a second encoder call with its own dropout. With dropout 0 (the CPU
+    presets) that is exactly the reused encoding: same losses, same random stream afterwards."""
+    calls = []
+    m = distiller(variant=variant, student_kw=dict(dropout=0.1))
+    m.student.transformer.encoder.register_forward_hook(lambda mod, i, o: calls.append(o))
+    m.train()
+    torch.manual_seed(3)
+    fresh = m(*batch())
+    assert len(calls) == 2 and not torch.allclose(calls[0], calls[1])   # dropout drew anew
+    reuse = dd.DETRDistill(dd.DETRDistillConfig(qpad_reuse_encoder=True), m.teacher, m.student, C)
+    calls.clear()
+    torch.manual_seed(3)
+    reused = reuse.train()(*batch())
+    assert len(calls) == 1
+    assert torch.equal(fresh["loss_ce"], reused["loss_ce"])            # the main pass is the same
+    assert not torch.equal(fresh["loss_qpad_ce"], reused["loss_qpad_ce"])
+    # dropout 0: the recomputation is a no-op (the presets' numbers do not move)
+    m0 = distiller(variant=variant)
+    r0 = copy.deepcopy(m0)  # the same student-side modules (InfoNCE heads) in both
+    r0.cfg = dd.DETRDistillConfig(qpad_reuse_encoder=True)
+    torch.manual_seed(4)
+    a = m0.train()(*batch())
+    state_a = torch.get_rng_state()
+    torch.manual_seed(4)
+    b = r0.train()(*batch())
+    assert torch.equal(state_a, torch.get_rng_state())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_qpad_queries_per_family():
     # A8: which teacher queries reach the student decoder
     m = distiller()
@@ -505,12 +536,10 @@ def test_unsupported_pairs_fail_clearly():
 # ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def script_run(tmp_path_factory):
+def script_run(tmp_path_factory, tiny_teacher):
     tmp = tmp_path_factory.mktemp("detrdistill")
-    data = ["--preset", "cpu-tiny", "--synth-num-train", "8", "--synth-num-val", "4",
-            "--data-cache", str(tmp / "cache"), "--num-workers", "0", "--max-iters", "1"]
-    baseline.main(data + ["--output-dir", str(tmp / "teacher")])
-    teacher = str(tmp / "teacher" / "checkpoint.pth")
+    data = ["--preset", "cpu-tiny"] + tiny_teacher.data
+    teacher = tiny_teacher.path
     stats = dd.main(data + ["--teacher", teacher, "--output-dir", str(tmp / "student"),
                             "--visualize", str(tmp / "figs")])
     return tmp, data, teacher, stats
@@ -536,8 +565,7 @@ def test_checkpoint_is_the_student_and_loads_into_baseline(script_run):
     assert set(ckpt["model"]) == set(student.state_dict())
     assert not any(k.startswith(("teacher.", "proj_", "student.")) for k in ckpt["model"])
     assert any(k.startswith("proj_student.") for k in ckpt["extra"])
-    again = baseline.main(data + ["--eval", "--resume", str(tmp / "student" / "checkpoint.pth")])
-    assert again["AP"] == stats["test_AP"]
+    # (baseline --eval of the checkpoint: test_methods_contract.py)
 
 
 def test_script_refuses_a_mismatched_pair(script_run):
@@ -546,3 +574,103 @@ def test_script_refuses_a_mismatched_pair(script_run):
     # carry Deformable-only fields, so cli.resolve refuses --variant conditional_detr first)
     with pytest.raises(ValueError, match="teacher deformable_detr has 3, student deformable_detr has 4"):
         dd.main(data + ["--teacher", teacher, "--num-feature-levels", "4"])
+
+
+# ------------------------------------------------------------------------------------------
+# The paper's forms (one flag each): quality, Eq. 9 TAFD, Eq. 3-4 HMLD
+# ------------------------------------------------------------------------------------------
+
+def test_paper_quality_is_c_to_gamma_times_iou_to_one_minus_gamma():
+    g = torch.Generator().manual_seed(8)
+    probs = torch.rand(2, 6, C, generator=g, dtype=torch.float64)
+    boxes = rand_boxes(2, 6, g=g)
+    gt = rand_boxes(3, g=g).float()
+    targets = [{"boxes": gt, "labels": torch.tensor([0, 1, 2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}]
+    hs = torch.randn(2, 6, 4, generator=g, dtype=torch.float64)
+    _, q, qi, ci = dd.tafd_select(probs, boxes, hs, targets, k=5, form="paper", gamma=0.3)
+    for n in range(5):
+        c = float(probs[0, qi[0, n], ci[0, n]])
+        iou = float(tvops.box_iou(xyxy(boxes[0, qi[0, n]])[None], xyxy(gt.double())).max())
+        assert math.isclose(float(q[0, n]), c ** 0.3 * iou ** 0.7, rel_tol=1e-6, abs_tol=1e-12)
+        assert math.isclose(float(q[1, n]), float(probs[1, qi[1, n], ci[1, n]]), rel_tol=1e-12)
+
+
+def test_paper_tafd_loss_against_the_literal_per_query_sum():
+    # Eq. 9 written out: psi_i = F^T Q_i per query, (B,M,d,H,W) tensor, / (B M d H W)
+    g = torch.Generator().manual_seed(9)
+    B, M, d, H, W = 2, 3, 4, 5, 6
+    hs = torch.randn(B, M, d, generator=g, dtype=torch.float64)
+    q = torch.rand(B, M, generator=g, dtype=torch.float64)
+    ft = torch.randn(B, d, H, W, generator=g, dtype=torch.float64)
+    fs = torch.randn(B, d, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    got = dd.tafd_loss_paper(hs, q, ft, fs)
+    psi = (hs[:, :, :, None, None] * ft[:, None]).sum(2)                 # (B,M,H,W)
+    terms = (psi[:, :, None] * (ft[:, None] - fs[:, None])) ** 2          # (B,M,d,H,W)
+    want = (q[:, :, None, None, None] * terms).sum() / (B * M * d * H * W)
+    torch.testing.assert_close(got, want)
+    assert float(dd.tafd_loss_paper(hs, q, ft, ft)) == 0.0
+
+
+def test_paper_tafd_in_the_distiller_has_an_adapter_and_uses_eq9():
+    m = distiller(tafd_form="paper", quality_form="paper")
+    assert m.teacher.hidden_dim == m.student.hidden_dim and len(m.feat_adapters) == 3
+    images, masks, targets = batch()
+    t_enc, t_dec = m.run_teacher(images, masks)
+    s_enc = m.student.encode(images, masks)
+    losses, _ = m.tafd_terms(s_enc, t_enc, t_dec, targets)
+    for i, l in enumerate(m.layer_map):
+        hs, q, _, _ = dd.tafd_select(t_dec.logits[l].sigmoid(), t_dec.boxes[l], t_dec.hs[l],
+                                     targets, form="paper", gamma=0.5)
+        want = sum(dd.tafd_loss_paper(hs, q, a, ad(b)) for a, b, ad in
+                   zip(t_enc.features, s_enc.features, m.feat_adapters))
+        torch.testing.assert_close(losses[i], want)
+    losses[-1].backward()
+    assert m.feat_adapters[0].weight.grad.abs().sum() > 0
+
+
+def test_paper_hmld_two_matchings_against_scipy():
+    g = torch.Generator().manual_seed(10)
+    B, N_S, N_T = 2, 7, 6
+    z = torch.randn(B, N_S, C, generator=g, dtype=torch.float64)
+    p = torch.rand(B, N_T, C, generator=g, dtype=torch.float64)
+    bs, bt = rand_boxes(B, N_S, g=g), rand_boxes(B, N_T, g=g)
+    positives = [[4, 1], []]
+    matched = dd.hmld_match_paper(z, bs, p, bt, positives)
+    cost = dd.hmld_cost(z, bs, p, bt).numpy()
+    for b, ((ps, pt), (ns, nt)) in enumerate(matched):
+        pos = positives[b]
+        r, c = scipy.optimize.linear_sum_assignment(cost[b][:, pos]) if pos else ([], [])
+        assert ps.tolist() == list(r) and pt.tolist() == [pos[j] for j in c]
+        free = [i for i in range(N_S) if i not in set(r)]
+        neg = [j for j in range(N_T) if j not in pos]
+        r2, c2 = scipy.optimize.linear_sum_assignment(cost[b][free][:, neg])
+        assert ns.tolist() == [free[i] for i in r2] and nt.tolist() == [neg[j] for j in c2]
+        assert not set(ps.tolist()) & set(ns.tolist())                   # disjoint students
+    # the loss: each part summed over its pairs, divided by its own pair count
+    cls_, l1, gi = dd.hmld_loss_paper(z, bs, p, bt, matched)
+    want = [0.0, 0.0, 0.0]
+    for part in (0, 1):
+        rows = [(b, int(i), int(j)) for b, m in enumerate(matched) for i, j in zip(*m[part])]
+        n = len(rows)
+        for b, i, j in rows:
+            bce = F.binary_cross_entropy_with_logits(z[b, i], p[b, j], reduction="sum")
+            giou = tvops.generalized_box_iou(xyxy(bs[b, i])[None], xyxy(bt[b, j])[None])
+            want[0] += float(bce) / n
+            want[1] += float((bs[b, i] - bt[b, j]).abs().sum()) / n
+            want[2] += float(1 - giou) / n
+    for got, w in zip((cls_, l1, gi), want):
+        assert math.isclose(float(got), w, rel_tol=1e-9)
+
+
+def test_paper_forms_train_end_to_end():
+    m = distiller(hmld_form="paper", tafd_form="paper", quality_form="paper",
+                  use_query_contrastive=False)
+    m.train()
+    losses = m(*batch())
+    assert {"loss_hmld_cls", "loss_hmld_bbox", "loss_tafd", "loss_qpad_ce"} <= set(losses)
+    sum(losses[k] * m.weight_dict[k] for k in losses if k in m.weight_dict).backward()
+    assert all(p.grad is None for p in m.teacher.parameters())
+    assert m.student.class_embed[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hmld_form"):
+        dd.DETRDistillConfig(hmld_form="two")

@@ -1,11 +1,14 @@
-"""The training engine on a tiny stand-in detector: exact resume, atomic checkpoints, refusing a
-checkpoint of another model, and two gloo processes equal to one process with the doubled batch.
+"""The training engine on a tiny stand-in detector: exact resume (one process, and two gloo
+processes each restoring its own RNG stream), atomic checkpoints, refusing a checkpoint of
+another model, and two gloo processes equal to one process with the doubled batch.
 (The same engine runs the real detectors; methods' one-step runs exercise that path.)"""
 import argparse
 import os
+import random
 import socket
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -79,10 +82,12 @@ def build(seed, dropout=0.1, width=8, lr=1e-2):
     return module, opt, sched
 
 
-def run(module, opt, sched, loader, out, start, epochs):
+def run(module, opt, sched, loader, out, start, epochs, history=(), save_every=0,
+        dist_info=None):
     args = argparse.Namespace(seed=0)
-    return engine.fit(module, opt, sched, loader, args=args, dist_info=DistInfo(),
-                      output_dir=out, start_epoch=start, epochs=epochs, verbose=False)
+    return engine.fit(module, opt, sched, loader, args=args, dist_info=dist_info or DistInfo(),
+                      output_dir=out, start_epoch=start, epochs=epochs, verbose=False,
+                      history=history, save_every=save_every)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
@@ -99,9 +104,11 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     run(module, opt, sched, loader, str(tmp_path / "cut"), 0, 2)  # "interrupted" after epoch 1
     torch.manual_seed(999)  # the process dies; whatever RNG state a new process has
     module, opt, sched = build(1)  # a fresh process builds a differently initialised model
-    start = engine.resume(module, opt, sched, str(tmp_path / "cut" / "checkpoint.pth"))
+    ckpt = read_checkpoint(str(tmp_path / "cut" / "checkpoint.pth"))
+    start = engine.resume(module, opt, sched, ckpt)
     assert start == 2
-    run(module, opt, sched, loader, str(tmp_path / "cut"), start, 4)
+    run(module, opt, sched, loader, str(tmp_path / "cut"), start, 4,
+        history=engine.log_history(ckpt, ""))
     for k, v in module.student.state_dict().items():
         assert torch.equal(v, full[k]), k
     lines = (tmp_path / "cut" / "log.txt").read_text().splitlines()
@@ -231,3 +238,61 @@ def test_is_main_process_follows_torchruns_rank(monkeypatch):
     assert is_main_process()
     monkeypatch.setenv("RANK", "3")
     assert not is_main_process()
+
+
+def _resume_worker(rank, world, port, out, epochs, resume):
+    """One process of a 2-process gloo run of `epochs` epochs, resumed from `out` if asked."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    module, opt, sched = build(0, dropout=0.3)            # the same initial model on each rank
+    engine.seed_everything(5, info.rank)                  # then each rank's own stream: the
+    if resume:                                            # dropout and flips differ by rank
+        torch.manual_seed(1000 + rank)                    # a new process: whatever RNG state
+    start, history = 0, []
+    if resume:
+        ckpt = read_checkpoint(os.path.join(out, "checkpoint.pth"))
+        start = engine.resume(module, opt, sched, ckpt, info)
+        history = engine.log_history(ckpt, "")
+    ddp = torch.nn.parallel.DistributedDataParallel(module)
+    loader = engine.make_loader(NoisyBoxes(), 2, collate, train=True, seed=3, dist_info=info)
+    run(ddp, opt, sched, loader, out, start, epochs, history, dist_info=info)
+    dist.destroy_process_group()
+
+
+def test_resume_under_two_gloo_processes_is_exact(tmp_path):
+    """Each rank saves and restores its own RNG stream: a 2-process run killed after epoch 1
+    and resumed ends bit-for-bit where the uninterrupted 2-process run ends."""
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    mp.spawn(_resume_worker, args=(2, _free_port(), full, 4, False), nprocs=2, join=True)
+    mp.spawn(_resume_worker, args=(2, _free_port(), cut, 2, False), nprocs=2, join=True)
+    assert len(read_checkpoint(os.path.join(cut, "checkpoint.pth"))["rng"]) == 2
+    mp.spawn(_resume_worker, args=(2, _free_port(), cut, 4, True), nprocs=2, join=True)
+    a, b = (read_checkpoint(os.path.join(d, "checkpoint.pth")) for d in (cut, full))
+    assert a["epoch"] == b["epoch"] == 3
+    for k, v in b["model"].items():
+        assert torch.equal(a["model"][k], v), k
+    keep = lambda log: [{k: v for k, v in x.items() if "time" not in k and "mem" not in k}  # noqa
+                        for x in log]
+    assert keep(a["log"]) == keep(b["log"])
+
+
+def test_crop_pretraining_leaves_the_random_streams_as_they_were(tmp_path):
+    """A run draws the same random numbers whether the tiny backbone was pretrained by this
+    process or read from the cache (the pretraining used to consume the seeded streams)."""
+    from types import SimpleNamespace
+    from common.data import build_dataset
+    args = SimpleNamespace(data="synthetic", data_cache=str(tmp_path), synth="easy",
+                           synth_num_train=3, synth_num_val=2, variant="deformable_detr",
+                           model_overrides={"backbone": "tiny", "width": 4,
+                                            "backbone_weights": "crops"})
+    train, val = build_dataset("train", args), build_dataset("val", args)
+    draws = []
+    for _ in range(2):  # the first call pretrains, the second reads the cached file
+        engine.seed_everything(5)
+        engine.backbone_weights_ready(args, DistInfo(), train, val)
+        draws.append((torch.rand(4), np.random.rand(4), random.random()))
+    assert len(list((tmp_path / "backbones").glob("*.pth"))) == 1
+    assert torch.equal(draws[0][0], draws[1][0])
+    assert np.array_equal(draws[0][1], draws[1][1]) and draws[0][2] == draws[1][2]

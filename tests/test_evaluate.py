@@ -240,3 +240,116 @@ def test_gathered_from_two_processes(tmp_path):
     single = run(coco, _shard_results(coco), image_ids=[1, 2, 3, 4])
     assert per_rank[0] == pytest.approx(single) and per_rank[1] == pytest.approx(single)
     assert 0 < single["AP"] < 1
+
+
+# ------------------------------------------------------------------------------------------
+# The report: detections JSON, COCOeval's table, per-class AP
+# ------------------------------------------------------------------------------------------
+
+def _partial(coco_gt):
+    """Image 1 found exactly at 0.9, image 2 missed, a category-1 false positive on image 4."""
+    results = perfect_results(coco_gt)
+    results[1]["scores"] = torch.full((2,), 0.9)
+    results[2] = {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
+                  "boxes": torch.zeros(0, 4)}
+    results[4] = {"scores": torch.tensor([0.3]), "labels": torch.tensor([0]),
+                  "boxes": torch.tensor([[5., 5, 45, 45]])}
+    ev = CocoEvaluator(coco_gt, LABEL_TO_CATEGORY)
+    ev.update([{"image_id": i} for i in sorted(results)], [results[i] for i in sorted(results)])
+    return ev, ev.summarize(verbose=False)
+
+
+def _pycocotools(gt_path, detections, cat_ids=None):
+    """COCOeval run directly from the files; returns (stats, the text summarize printed)."""
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        gt = COCO(str(gt_path))
+        for a in gt.dataset["annotations"]:
+            a["area"] = a["bbox"][2] * a["bbox"][3]
+        e = COCOeval(gt, gt.loadRes(detections), "bbox")
+        e.params.imgIds = [1, 2, 3, 4]
+        if cat_ids is not None:
+            e.params.catIds = cat_ids
+        e.evaluate()
+        e.accumulate()
+        text = io.StringIO()  # only summarize's lines
+    with contextlib.redirect_stdout(text):
+        e.summarize()
+    return e.stats.tolist(), text.getvalue()
+
+
+def test_written_detections_reload_to_the_same_numbers(tmp_path, coco_gt):
+    ev, stats = _partial(coco_gt)
+    path = tmp_path / "out" / "detections.json"
+    assert ev.write_detections(path) == 3
+    detections = json.loads(path.read_text())
+    assert {(d["image_id"], d["category_id"]) for d in detections} == {(1, 1), (1, 5), (4, 1)}
+    assert [10, 10, 40, 40] in [d["bbox"] for d in detections]  # xywh in pixels
+    direct, _ = _pycocotools(tmp_path / "gt.json", detections)
+    assert list(stats.values()) == pytest.approx(direct, abs=1e-12)
+
+
+def test_summary_table_is_pycocotools_own(tmp_path, coco_gt):
+    ev, _ = _partial(coco_gt)
+    _, printed = _pycocotools(tmp_path / "gt.json", json.loads(
+        json.dumps([d for i in sorted(ev.detections) for d in ev.detections[i]])))
+    table = ev.summary_table()
+    assert table.splitlines() == printed.strip("\n").splitlines()
+    assert len(table.splitlines()) == 12 and "Average Precision  (AP) @[ IoU=0.50:0.95" in table
+
+
+def test_per_class_ap_by_hand_and_against_single_category_cocoeval(tmp_path, coco_gt):
+    """Category 1: one of two objects found before its false positive -> 51/101 at every IoU;
+    category 5: one of two, no false positive -> 51/101 too; category 90: crowd only -> nan.
+    Each row also equals COCOeval restricted to that one category."""
+    ev, _ = _partial(coco_gt)
+    rows = {r["category_id"]: r for r in ev.per_class_ap()}
+    assert [r["name"] for r in ev.per_class_ap()] == ["a", "b", "c"]
+    for cat in (1, 5):
+        for k in ("AP", "AP50", "AP75"):
+            assert rows[cat][k] == pytest.approx(51 / 101), (cat, k)
+    assert all(np.isnan(rows[90][k]) for k in ("AP", "AP50", "AP75"))
+    detections = [d for i in sorted(ev.detections) for d in ev.detections[i]]
+    for cat in (1, 5):
+        direct, _ = _pycocotools(tmp_path / "gt.json", detections, cat_ids=[cat])
+        assert [rows[cat]["AP"], rows[cat]["AP50"], rows[cat]["AP75"]] == \
+            pytest.approx(direct[:3], abs=1e-12)
+    table = ev.per_class_table()
+    assert "a" in table and "0.505" in table and "nan" in table
+
+
+def test_per_class_ap_on_shifted_boxes_against_single_category_cocoeval(tmp_path, coco_gt):
+    """Intermediate APs that differ between categories and IoU thresholds."""
+    rng = np.random.default_rng(1)
+    results, detections = {}, []
+    for image_id in (1, 2):
+        gts = [a for a in coco_gt.imgToAnns[image_id] if not a["iscrowd"]]
+        boxes, scores, labels = [], [], []
+        for a in gts * 2:
+            x, y, w, h = a["bbox"]
+            dx, dy = rng.uniform(-8, 8, size=2)
+            s = float(rng.uniform(0.05, 1.0))
+            boxes.append([x + dx, y + dy, x + dx + w, y + dy + h]), scores.append(s)
+            labels.append(LABEL_TO_CATEGORY.index(a["category_id"]))
+            detections.append({"image_id": image_id, "category_id": a["category_id"],
+                               "bbox": [x + dx, y + dy, w, h], "score": s})
+        results[image_id] = {"scores": torch.tensor(scores, dtype=torch.float64),
+                             "labels": torch.tensor(labels),
+                             "boxes": torch.tensor(boxes, dtype=torch.float64)}
+    for i in (3, 4):
+        results[i] = {"scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
+                      "boxes": torch.zeros(0, 4)}
+    ev = CocoEvaluator(coco_gt, LABEL_TO_CATEGORY)
+    ev.update([{"image_id": i} for i in (1, 2, 3, 4)], [results[i] for i in (1, 2, 3, 4)])
+    ev.summarize(verbose=False)
+    rows = {r["category_id"]: r for r in ev.per_class_ap()}
+    for cat in (1, 5):
+        direct, _ = _pycocotools(tmp_path / "gt.json", detections, cat_ids=[cat])
+        got = [rows[cat]["AP"], rows[cat]["AP50"], rows[cat]["AP75"]]
+        assert got == pytest.approx(direct[:3], abs=1e-12)
+    assert rows[1]["AP"] != rows[5]["AP"] or rows[1]["AP75"] != rows[1]["AP50"]
+
+
+def test_report_needs_a_summarize_first(coco_gt):
+    with pytest.raises(RuntimeError, match="summarize"):
+        CocoEvaluator(coco_gt, LABEL_TO_CATEGORY).summary_table()

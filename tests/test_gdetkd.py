@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "methods"))
-import baseline  # noqa: E402
 import gdetkd  # noqa: E402
 from common import engine  # noqa: E402
 from common.detr import build_model  # noqa: E402
@@ -285,40 +284,6 @@ def test_roi_align_constant_map_and_stride_scaling():  # invariant 14
                                enc.memory[:, enc.level_start_index[1]:enc.level_start_index[2]])
 
 
-@pytest.mark.parametrize("shape,stride,ratio", [((16, 16), 8, 2), ((13, 9), 8, 2),
-                                                ((4, 4), 32, 2), ((6, 11), 16, 3)])
-def test_roi_align_separable_equals_torchvision(shape, stride, ratio):
-    """The separable RoIAlign is torchvision's roi_align(aligned=True), value and gradient, in
-    float64: boxes inside, across and beyond the map's borders, zero-size boxes, an image
-    without RoIs, RoIs in no particular image order."""
-    from torchvision.ops import roi_align
-    g = torch.Generator().manual_seed(sum(shape) + stride)
-    B, C, (H, W) = 3, 5, shape
-    f = torch.randn(B, C, H, W, generator=g, dtype=torch.float64, requires_grad=True)
-    R = 60
-    xy = torch.rand(R, 2, generator=g, dtype=torch.float64) * torch.tensor([W, H]) * stride
-    wh = torch.rand(R, 2, generator=g, dtype=torch.float64) * 0.7 * torch.tensor([W, H]) * stride
-    boxes = torch.cat([xy, xy + wh], 1)
-    boxes[:8] = boxes[:8] * 1.5 - 2.0 * stride           # partly or wholly off the map
-    boxes[8:11, 2] = boxes[8:11, 0]                       # zero width
-    boxes[11:13, 3] = boxes[11:13, 1]                     # zero height
-    image = torch.tensor([0, 2] * (R // 2), dtype=torch.float64)[torch.randperm(R, generator=g)]
-    rois = torch.cat([image[:, None], boxes], 1)
-    ref = roi_align(f, rois, 7, 1.0 / stride, ratio, aligned=True)
-    got = gdetkd.roi_align_separable(f, rois, 7, 1.0 / stride, ratio)
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
-    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    g_ref, = torch.autograd.grad(ref, f, grad)
-    g_got, = torch.autograd.grad(got, f, grad)
-    torch.testing.assert_close(g_got, g_ref, rtol=1e-11, atol=1e-11)
-    assert g_got[1].abs().max() == 0  # image 1 has no RoI
-    with pytest.raises(ValueError, match="sampling_ratio"):
-        gdetkd.roi_align_separable(f, rois, 7, 1.0 / stride, -1)
-    with pytest.raises(ValueError, match="batch indices"):
-        gdetkd.roi_align_separable(f, rois[:2] + torch.tensor([5.0, 0, 0, 0, 0],
-                                                             dtype=torch.float64), 7, 1.0, 2)
-
-
 @pytest.mark.parametrize("tv,sv", [("deformable_detr", "deformable_detr"),
                                    ("dino", "deformable_detr"), ("deformable_detr", "dino")])
 def test_query_embeddings_batched_equal_image_by_image(tv, sv, monkeypatch):
@@ -513,12 +478,10 @@ def test_unsupported_pair_and_bad_config_fail_clearly():
 # ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_teacher):
     tmp = tmp_path_factory.mktemp("gdetkd")
-    common = ["--preset", "cpu-tiny", "--synth-num-train", "8", "--synth-num-val", "4",
-              "--data-cache", str(tmp / "cache"), "--num-workers", "0", "--max-iters", "1"]
-    baseline.main(common + ["--output-dir", str(tmp / "teacher")])
-    teacher = str(tmp / "teacher" / "checkpoint.pth")
+    common = ["--preset", "cpu-tiny"] + tiny_teacher.data
+    teacher = tiny_teacher.path
     stats = gdetkd.main(common + ["--teacher", teacher, "--output-dir", str(tmp / "student"),
                                   "--rois-per-img", "16"])
     return common, tmp, teacher, stats
@@ -531,19 +494,9 @@ def test_one_iteration_run_and_checkpoint(run):  # invariant 18
     ckpt = torch.load(tmp / "student" / "checkpoint.pth", weights_only=True)
     assert not any(k.startswith(("sgfi", "ckd", "roi_queries", "teacher")) for k in ckpt["model"])
     assert any(k.startswith("sgfi.") for k in ckpt["extra"])
-    assert any(k.startswith("ckd_adapter.") for k in ckpt["extra"])
-    again = baseline.main(common + ["--eval", "--resume", str(tmp / "student" / "checkpoint.pth")])
-    assert again["AP"] == stats["test_AP"]
-
-
-def test_visualize_writes_pngs(run):
-    common, tmp, teacher, _ = run
-    from PIL import Image
-    out = tmp / "figs"
-    gdetkd.main(common + ["--teacher", teacher, "--eval", "--resume",
-                          str(tmp / "student" / "checkpoint.pth"), "--visualize", str(out)])
-    pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 4 and Image.open(pngs[0]).size[0] > 128
+    assert any(k.startswith("ckd_head.") for k in ckpt["extra"])     # f_theta (equal widths)
+    assert len(ckpt["extra"]["queue._extra_state"]["items"]) == 1       # the queue, for resume
+    # (baseline --eval of the checkpoint and --visualize: test_methods_contract.py)
 
 
 def _gather_worker(rank, port):
@@ -556,7 +509,7 @@ def _gather_worker(rank, port):
         assert got.shape == (5, 3) and got[:2].eq(0).all() and got[2:].eq(1).all(), got
         q = gdetkd.TeacherQueue(2)
         for shift in (0, 10, 20):
-            q.push(mine + shift)
+            q.push(gdetkd.all_gather_rows(mine + shift))  # the caller pushes the gathered batch
         keys = q.keys(mine)  # the last 2 iterations of both processes
         assert keys.shape == (10, 3) and float(keys.min()) == 10.0, keys
     finally:
@@ -577,3 +530,84 @@ def test_script_refuses_unsupported_pair(run):
     with pytest.raises(ValueError, match="teacher deformable_detr -> student detr"):
         gdetkd.main(common + ["--teacher", teacher, "--variant", "detr", "--output-dir",
                               str(tmp / "bad")])
+
+
+# ------------------------------------------------------------------------------------------
+# The shared projection f_theta, keys treated alike, the queue in the checkpoint
+# ------------------------------------------------------------------------------------------
+
+def test_ckd_keys_current_and_queued_both_carry_their_gradient():
+    """Current and queued keys are used as given: both keep the gradient they carry (through a
+    shared f_theta), and the loss and every gradient equal a float64 loop reference."""
+    g = torch.Generator().manual_seed(2)
+    z_s, z_t, queue = (torch.randn(n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+                       for n in (4, 4, 3))
+    img = torch.tensor([0, 0, 1, 1])
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30.]])
+    gdetkd.ckd_loss(z_s, z_t, queue, img, boxes, gamma=0.2).backward()
+    leaves = [z_s.detach().clone().requires_grad_(True), z_t.detach().clone().requires_grad_(True),
+              queue.detach().clone().requires_grad_(True)]
+    u = F.normalize(leaves[0], dim=1)
+    keys = F.normalize(torch.cat(leaves[1:]), dim=1)
+    iou = iou64(boxes, boxes)
+    total = 0.0
+    for i in range(4):
+        terms = [u[i] @ keys[i] / 0.2]
+        terms += [u[i] @ keys[j] / 0.2 for j in range(7)
+                  if j != i and not (j < 4 and img[j] == img[i] and iou[i, j] > 0.5)]
+        total = total - (terms[0] - torch.logsumexp(torch.stack(terms), 0))
+    (total / 4).backward()
+    for got, want in zip((z_s, z_t, queue), leaves):
+        assert got.grad is not None
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_shared_head_is_the_default_and_feeds_every_key(monkeypatch):
+    d = distiller().train()                       # equal widths: f_theta only, no adapter
+    assert gdetkd.GDetKDConfig().ckd_shared_head and d.ckd_head is not None
+    assert d.ckd_adapter is None
+    seen = {}
+    real = gdetkd.ckd_loss
+
+    def spy(z_s, z_t, extra, *a, **k):
+        seen.update(z_s=z_s, z_t=z_t, extra=extra)
+        return real(z_s, z_t, extra, *a, **k)
+    monkeypatch.setattr(gdetkd, "ckd_loss", spy)
+    d(*batch())                                   # step 1 fills the queue
+    raw = d.queue.keys(torch.zeros(1, 32))
+    d(*batch())                                   # step 2 reads it
+    torch.testing.assert_close(seen["extra"], d.ckd_head(raw))   # queued keys through f_theta
+    assert seen["z_t"].requires_grad and seen["extra"].requires_grad   # alike, both with grad
+    adapter = distiller(ckd_shared_head=False)    # [3p-G]: a student adapter, raw keys
+    assert adapter.ckd_head is None and adapter.ckd_adapter is not None
+
+
+def test_queue_is_saved_in_the_checkpoint_and_restored(tmp_path):
+    d = distiller().train()
+    for _ in range(2):
+        d(*batch())
+    state = engine.trainable_state(d)
+    path = tmp_path / "ckpt.pth"
+    torch.save(state, path)
+    fresh = distiller().train()
+    assert fresh.queue.keys(torch.zeros(1, 32)).shape[0] == 0
+    engine.load_trainable_state(fresh, torch.load(path, weights_only=True), "test checkpoint")
+    want = d.queue.keys(torch.zeros(1, 32))
+    assert want.shape[0] > 0
+    torch.testing.assert_close(fresh.queue.keys(torch.zeros(1, 32)), want, rtol=0, atol=0)
+    assert len(fresh.queue.items) == len(d.queue.items) == 2
+
+
+def test_resume_is_exact_with_the_queue(run):
+    """Two epochs in one go equal one epoch, then a resume for the second: the CKD queue
+    (filled in epoch 1, read in epoch 2) comes back from the checkpoint."""
+    common, tmp, teacher, _ = run
+    args = common + ["--teacher", teacher, "--rois-per-img", "16"]
+    gdetkd.main(args + ["--epochs", "2", "--output-dir", str(tmp / "straight")])
+    gdetkd.main(args + ["--epochs", "1", "--output-dir", str(tmp / "split")])
+    gdetkd.main(args + ["--epochs", "2", "--output-dir", str(tmp / "split"), "--resume",
+                        str(tmp / "split" / "checkpoint.pth")])
+    a = torch.load(tmp / "straight" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp / "split" / "checkpoint.pth", weights_only=True)
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)

@@ -269,6 +269,96 @@ def test_pairwise_giou_fallback_matches_torchvision():
 
 
 # ------------------------------------------------------------------------------------------
+# NaN in, NaN out: a broken prediction must reach linear_sum_assignment's NaN check instead of
+# being matched with a finite (or the cheapest) cost
+# ------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+
+
+def nan_case(dtype, class_cost, device="cpu"):
+    """Inputs with NaN in one logit, one predicted box, one target box, and the entries of the
+    (B, Q, T) cost that must be NaN."""
+    logits, pb, labels, tb, n = random_inputs(B=2, Q=40, C=6, T=5, num_targets=[5, 3], seed=31,
+                                              dtype=torch.float64)
+    labels[0, :5] = torch.tensor([0, 1, 2, 1, 4])
+    logits[0, 3, 1] = NAN  # the logit of the class of image 0's targets 1 and 3
+    pb[0, 7, 2] = NAN      # a predicted width
+    pb[1, 35, 0] = NAN     # a predicted centre, in the second block of 32 queries
+    tb[1, 2, 3] = NAN      # a real target's height
+    expected = torch.zeros(2, 40, 5, dtype=torch.bool)
+    if class_cost == "focal":
+        expected[0, 3, [1, 3]] = True  # the focal cost reads only the target's class logit
+    else:
+        expected[0, 3, :5] = True      # softmax normalises over all of the query's logits
+    expected[0, 7, :5] = True
+    expected[1, 35, :3] = True
+    expected[1, :, 2] = True
+    as_dev = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    inputs = (as_dev(logits), as_dev(pb), labels.to(device), as_dev(tb), n.to(device))
+    return inputs, expected
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("class_cost,gamma", [("focal", 2.0), ("focal", 1.5), ("softmax", 2.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_match_cost_nan_inputs_give_nan(backend, class_cost, gamma, dtype):
+    inputs, expected = nan_case(dtype, class_cost)
+    cost = run(backend, inputs, class_cost=class_cost, gamma=gamma)
+    assert torch.equal(cost.isnan(), expected), torch.nonzero(cost.isnan() != expected).tolist()
+    ref = reference_cost(*inputs, class_cost, 2.0, 5.0, 2.0, 0.25, gamma)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(cost.double()[~expected], ref[~expected], rtol=tol, atol=tol * 10)
+    # what the matcher does next: refuse the first image with a NaN
+    sizes = inputs[4].tolist()
+    with pytest.raises(ValueError, match="cost of image 0 contains NaN or inf"):
+        ops.linear_sum_assignment_fallback(cost, sizes)
+    if HAS_EXT_CPU:
+        with pytest.raises(ValueError, match="cost of image 0 contains NaN or inf"):
+            ops.linear_sum_assignment(cost, sizes)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("class_cost", ["focal", "softmax"])
+def test_match_cost_infinite_logits_stay_finite(backend, class_cost):
+    """+-inf logits are not NaN: the focal cost saturates (as the fallback's sigmoid does) and
+    the softmax cost of a query with one +inf logit is NaN in both backends (inf - inf)."""
+    logits, pb, labels, tb, n = random_inputs(B=1, Q=4, C=3, T=2, num_targets=[2], seed=32)
+    labels[0] = torch.tensor([0, 2])
+    logits[0, 1, 0], logits[0, 2, 2] = float("inf"), float("-inf")
+    cost = run(backend, (logits, pb, labels, tb, n), class_cost=class_cost)
+    if class_cost == "focal":
+        assert torch.isfinite(cost).all()
+        ref = reference_cost(logits, pb, labels, tb, n, "focal", 2.0, 5.0, 2.0, 0.25, 2.0)
+        torch.testing.assert_close(cost.double(), ref, rtol=2e-5, atol=2e-4)
+    else:
+        assert cost[0, 1].isnan().all() and torch.isfinite(cost[0, [0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_giou_nan_boxes_give_nan(dtype):
+    a, b = random_xyxy(5, seed=33), random_xyxy(4, seed=34)
+    a[1, 0] = NAN  # x1
+    a[3, 3] = NAN  # y2
+    b[2, 2] = NAN  # x2
+    expected = torch.zeros(5, 4, dtype=torch.bool)
+    expected[[1, 3]] = True
+    expected[:, 2] = True
+    results = [ops.pairwise_giou_fallback(a[None].to(dtype), b[None].to(dtype))]
+    if HAS_EXT_CPU:
+        results.append(ops.pairwise_giou(a.to(dtype), b.to(dtype), return_iou=True))
+    ok_a, ok_b = [0, 2, 4], [0, 1, 3]
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for giou, iou in results:
+        giou, iou = giou.reshape(5, 4).double(), iou.reshape(5, 4).double()
+        assert torch.equal(giou.isnan(), expected) and torch.equal(iou.isnan(), expected)
+        torch.testing.assert_close(giou[ok_a][:, ok_b], generalized_box_iou(a[ok_a], b[ok_b]),
+                                   rtol=tol, atol=tol)
+        torch.testing.assert_close(iou[ok_a][:, ok_b], box_iou(a[ok_a], b[ok_b]), rtol=tol,
+                                   atol=tol)
+
+
+# ------------------------------------------------------------------------------------------
 # Bad input: a clear Python error naming the argument
 # ------------------------------------------------------------------------------------------
 
@@ -389,6 +479,28 @@ def test_match_cost_cuda_bad_values_give_nan():
     assert torch.isnan(cost[0, :, 1]).all() and torch.isfinite(cost[0, :, 0]).all()
     assert torch.isfinite(cost[1]).all()
     assert torch.isnan(cost[2]).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("class_cost,gamma", [("focal", 2.0), ("focal", 1.5), ("softmax", 2.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_match_cost_cuda_nan_inputs_give_nan(class_cost, gamma, dtype):
+    inputs, expected = nan_case(dtype, class_cost, device="cuda")
+    cost = ops.match_cost(*inputs, class_cost=class_cost, gamma=gamma)
+    assert torch.equal(cost.isnan().cpu(), expected)
+    with pytest.raises(ValueError, match="cost of image 0 contains NaN or inf"):
+        ops.linear_sum_assignment(cost, inputs[4].tolist())
+
+
+@pytest.mark.cuda
+def test_pairwise_giou_cuda_nan_boxes_give_nan():
+    a, b = random_xyxy(5, seed=33), random_xyxy(4, seed=34)
+    a[1, 0] = NAN
+    b[2, 2] = NAN
+    giou, iou = ops.pairwise_giou(a.cuda(), b.cuda(), return_iou=True)
+    for t in (giou.cpu(), iou.cpu()):
+        assert t[1].isnan().all() and t[:, 2].isnan().all()
+        assert t.isnan().sum() == 4 + 5 - 1
 
 
 @pytest.mark.cuda

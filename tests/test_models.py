@@ -287,16 +287,17 @@ def _check_lookahead(model, dec):
     i's box loss reaches layer i-1's box prediction; what is fed to layer i is detached."""
     head = model.bbox_embed[0]  # shared across layers
     params = list(head.parameters())
+    box = lambda delta, ref: box_from(delta, ref, model.cfg.inverse_sigmoid_eps)  # noqa: E731
     for i in range(1, 3):
-        raw = box_from(head(dec.hs_raw[i - 1]), dec.refs_in[i - 1])
+        raw = box(head(dec.hs_raw[i - 1]), dec.refs_in[i - 1])
         torch.testing.assert_close(dec.refs_in[i], raw)
-        assert not torch.allclose(box_from(head(dec.hs[i - 1]), dec.refs_in[i - 1]), raw)
+        assert not torch.allclose(box(head(dec.hs[i - 1]), dec.refs_in[i - 1]), raw)
         # d boxes[i] / d head = path through layer i's own delta + path through layer i-1's box
         total = torch.autograd.grad(dec.boxes[i].sum(), params, retain_graph=True)
-        own = torch.autograd.grad(box_from(head(dec.hs[i].detach()), dec.refs_in[i].detach()).sum(),
+        own = torch.autograd.grad(box(head(dec.hs[i].detach()), dec.refs_in[i].detach()).sum(),
                                   params)
-        prev_box = box_from(head(dec.hs_raw[i - 1].detach()), dec.refs_in[i - 1].detach())
-        prev = torch.autograd.grad(box_from(head(dec.hs[i]).detach(), prev_box).sum(), params)
+        prev_box = box(head(dec.hs_raw[i - 1].detach()), dec.refs_in[i - 1].detach())
+        prev = torch.autograd.grad(box(head(dec.hs[i]).detach(), prev_box).sum(), params)
         assert sum(p.abs().sum() for p in prev) > 0
         for t, a, b in zip(total, own, prev):
             torch.testing.assert_close(t, a + b)
@@ -498,7 +499,7 @@ def test_trap3_dino_next_layer_consumes_reference_from_unnormalised_state():
         layer_args = (enc.memory, enc.spatial_shapes, enc.level_start_index, enc.mask_flatten,
                       None, enc.spatial_shapes_list)
         for i in range(2):
-            logit_ref = inverse_sigmoid(dec.refs_in[i])
+            logit_ref = inverse_sigmoid(dec.refs_in[i], 1e-3)  # DINO's eps
             from_raw = (head(dec.hs_raw[i]) + logit_ref).sigmoid()
             from_normed = (head(dec.hs[i]) + logit_ref).sigmoid()
             assert (from_raw - from_normed).abs().max() > 1e-2  # the two candidates differ
@@ -723,6 +724,131 @@ def test_trap12_parameter_groups_dino_and_backbone_ratio():
         assert by_id[id(named[name])] == cfg.lr, name
     assert by_id[id(named["backbone.0.body.layer2.0.conv1.weight"])] == cfg.lr_backbone
     assert len(by_id) == sum(p.requires_grad for p in model.parameters())
+
+
+# log(max(x, eps) / max(1 - x, eps)) at the values the tests use, written out by hand
+LOGIT_AT = {(1.0, 1e-3): math.log(1e3), (1.0, 1e-5): math.log(1e5),
+            (1e-4, 1e-3): math.log(1e-3 / (1 - 1e-4)), (1e-4, 1e-5): math.log(1e-4 / (1 - 1e-4)),
+            (5e-4, 1e-3): math.log(1e-3 / (1 - 5e-4)), (5e-4, 1e-5): math.log(5e-4 / (1 - 5e-4))}
+
+
+def _sigmoid64(x):
+    return 1.0 / (1.0 + torch.exp(-x.double()))
+
+
+@pytest.mark.parametrize("variant,kw,eps", [("dino", {}, 1e-3),
+                                            ("deformable_detr", VARIANTS[5][1], 1e-5)],
+                         ids=["dino", "deformable_two_stage"])
+def test_inverse_sigmoid_eps_of_padded_proposals_by_hand(variant, kw, eps):
+    """An image with fewer valid tokens than queries: the selection takes padded proposals
+    (+inf anchors), i.e. references at exactly 1.0. The box head and the reference update add
+    logit(1.0) = log(1 / eps) with the official repository's eps: 1e-3 in DINO (util/misc.py),
+    1e-5 in Deformable DETR (log 1000 = 6.91 against log 1e5 = 11.51)."""
+    model = small_model(variant, randomize_heads=True, **kw).eval()
+    assert model.cfg.inverse_sigmoid_eps == eps
+    images, masks, _ = batch()
+    masks[1] = True
+    masks[1, :16, :16] = False  # image 1: 16 x 16 valid pixels, 7 valid tokens < 12 queries
+    with torch.no_grad():
+        enc = model.encode(images, masks)
+        dec = model.decode(enc)
+    at_one = dec.refs_in[0][1] == 1.0  # (Q,4) padded proposals selected for image 1
+    assert at_one.all(-1).sum() >= 5
+    logit = LOGIT_AT[(1.0, eps)]
+    head = model.bbox_embed[0]
+    delta = head(dec.hs[0][1]).double()
+    torch.testing.assert_close(dec.boxes[0][1][at_one].double(), _sigmoid64(delta + logit)[at_one])
+    if variant == "dino":  # the reference update of layer 1 (look forward twice) likewise
+        delta_raw = head(dec.hs_raw[0][1]).double()
+        torch.testing.assert_close(dec.refs_in[1][1][at_one].double(),
+                                   _sigmoid64(delta_raw + logit)[at_one])
+    else:  # Deformable refine: layer 1 starts from layer 0's box
+        torch.testing.assert_close(dec.refs_in[1], dec.boxes[0])
+
+
+@pytest.mark.parametrize("variant,eps", [("dab_detr", 1e-3), ("dino", 1e-3),
+                                         ("conditional_detr", 1e-5), ("deformable_detr", 1e-5)])
+def test_inverse_sigmoid_eps_of_tiny_and_border_boxes_by_hand(variant, eps):
+    """A reference box with a tiny width (1e-4) on the image border (cx = 1.0): the box head adds
+    logit(ref) with the official eps, per coordinate (a 2-D reference offsets cx, cy only)."""
+    kw = dict(with_box_refine=True) if variant == "deformable_detr" else {}
+    model = small_model(variant, randomize_heads=True, **kw).eval()
+    assert model.cfg.inverse_sigmoid_eps == eps
+    images, masks, _ = batch()
+    with torch.no_grad():
+        enc = model.encode(images, masks)
+        q = model.init_queries(enc)
+        ref = torch.full((2, 12, 4), 0.3)
+        ref[:, :, 0], ref[:, :, 2] = 1.0, 1e-4  # cx on the border, w tiny
+        if variant == "conditional_detr":
+            ref = ref[..., :2]
+        dec = model.decode(enc, replace(q, reference=ref))
+    expect = torch.full(ref.shape, math.log(0.3 / 0.7), dtype=torch.float64)
+    expect[..., 0] = LOGIT_AT[(1.0, eps)]
+    if ref.shape[-1] == 4:
+        expect[..., 2] = LOGIT_AT[(1e-4, eps)]
+    delta = model.bbox_embed[0](dec.hs[0]).double()
+    box = _sigmoid64(torch.cat([delta[..., :ref.shape[-1]] + expect, delta[..., ref.shape[-1]:]], -1))
+    torch.testing.assert_close(dec.boxes[0].double(), box, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 1e-5])
+def test_inverse_sigmoid_eps_of_denoising_anchors_by_hand(eps):
+    """DINO's denoising anchors are inverse_sigmoid(noised GT box) with its eps 1e-3 (official
+    dn_components.py): without noise a GT box of width 1 and height 5e-4 gives the anchor
+    (w, h) = (sigmoid(log(1 / eps)), sigmoid(log(eps / (1 - 5e-4)))). The default is DINO's
+    1e-3; the model passes its configured eps (here also 1e-5, to show the field is read)."""
+    model = small_model("dino", dn_box_noise_scale=0.0, dn_label_noise_ratio=0.0,
+                        inverse_sigmoid_eps=eps).train()
+    images, masks, _ = batch()
+    targets = [dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.5, 0.5, 1.0, 5e-4]])),
+               dict(labels=torch.tensor([2]), boxes=torch.tensor([[0.4, 0.5, 0.3, 0.3]]))]
+    with torch.no_grad():
+        dec = model.decode(model.encode(images, masks), targets=targets)
+    w = 1.0 / (1.0 + math.exp(-LOGIT_AT[(1.0, eps)]))
+    h = 1.0 / (1.0 + math.exp(-LOGIT_AT[(5e-4, eps)]))
+    q, _ = dec.dn_meta["positive"][0]
+    anchors = dec.dn.refs_in[0][0, q].double()  # image 0's positive denoising queries
+    expect = torch.tensor([0.5, 0.5, w, h], dtype=torch.float64).expand_as(anchors)
+    torch.testing.assert_close(anchors, expect, rtol=1e-5, atol=1e-7)
+
+
+def test_variant_defaults_are_the_official_tables():
+    """The per-variant defaults (common/config.py) against the official values, written out
+    here from the repositories' configs (DETR-family notes, tables 3.1 and 3.2), and DINO as
+    Deformable DETR minus its two flags plus denoising."""
+    from dataclasses import fields
+
+    from common.config import CONFIGS
+    #        queries ffn   dropout act     temp    offset eps   cls       loss       matcher    top-k
+    table = {
+        "detr": (100, 2048, 0.1, "relu", 1e4, 0.0, 1e-5, "softmax", (1, 5, 2), (1, 5, 2), 100),
+        "conditional_detr": (300, 2048, 0.1, "relu", 1e4, 0.0, 1e-5, "focal", (2, 5, 2),
+                             (2, 5, 2), 100),
+        "dab_detr": (300, 2048, 0.0, "prelu", 20, 0.0, 1e-3, "focal", (1, 5, 2), (2, 5, 2), 300),
+        "deformable_detr": (300, 1024, 0.1, "relu", 1e4, -0.5, 1e-5, "focal", (2, 5, 2),
+                            (2, 5, 2), 100),
+        "dino": (900, 2048, 0.0, "relu", 20, 0.0, 1e-3, "focal", (1, 5, 2), (2, 5, 2), 300),
+    }
+    names = ("num_queries", "dim_feedforward", "dropout", "activation", "pos_temperature",
+             "pos_offset", "inverse_sigmoid_eps", "class_loss", "loss_weights",
+             "matcher_weights", "num_select")
+    for variant, row in table.items():
+        cfg = CONFIGS[variant]()
+        assert tuple(getattr(cfg, n) for n in names) == row, variant
+        assert (cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.dec_layers) == (256, 8, 6, 6)
+        assert hasattr(cfg, "eos_coef") == (variant == "detr")
+        assert hasattr(cfg, "focal_alpha") == (variant != "detr")
+    assert CONFIGS["detr"]().eos_coef == 0.1 and CONFIGS["dino"]().focal_alpha == 0.25
+    dino = {f.name for f in fields(CONFIGS["dino"])}
+    deformable = {f.name for f in fields(CONFIGS["deformable_detr"])}
+    assert dino == deformable - {"with_box_refine", "two_stage"} | \
+        {"dn_number", "dn_box_noise_scale", "dn_label_noise_ratio"}
+    d = CONFIGS["dino"]()
+    assert (d.dn_number, d.dn_box_noise_scale, d.dn_label_noise_ratio) == (100, 0.4, 0.5)
+    assert CONFIGS["dab_detr"]().modulate_hw_attn is True
+    with pytest.raises(TypeError):
+        CONFIGS["dino"](with_box_refine=True)
 
 
 def test_trap13_dn_group_count_follows_the_largest_gt_count():

@@ -6,6 +6,7 @@ The reference is ``ops.ms_deform_attn_fallback`` run in float64: it is torch's o
 with our C++/CUDA kernels, and its gradients come from torch's autograd.
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -133,18 +134,105 @@ def test_border_points_match_grid_sample():
     assert torch.all(ours[2][:, q, :, 0, 0, 0] != 0)
 
 
-def test_all_outside_points_give_zero_output_and_gradient():
+def test_far_outside_points_give_zero_output_and_gradient():
     B, shapes, Q, H, L, P, Dh = 2, [(3, 5), (2, 2)], 4, 2, 2, 3, 7
     value, ss, lsi, _, attn = make_inputs(B, shapes, Q, H, Dh, P)
-    # beyond (-1, W) x (-1, H) in pixels: x = -0.6 is px < -1 on both levels, x = 1.7 is px >= W
+    # beyond (-1, W) x (-1, H) in pixels: x = -0.6 is px < -1 on both levels, x = 1.7 is px >= W;
+    # huge but finite coordinates are just far outside
     far = torch.tensor([[-0.6, 0.5], [1.7, 0.5], [0.5, -0.9], [0.5, 2.0], [-3.0, 9.0],
-                        [float("inf"), 0.5], [0.5, float("nan")], [-1e30, 0.5]],
-                       dtype=torch.float64)
+                        [1e30, 0.5], [0.5, -1e30], [-1e30, 1e10]], dtype=torch.float64)
     loc = far[torch.randint(len(far), (B, Q, H, L, P))]
     grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
-    out, gv, gl, ga = run_op(value, ss, lsi, loc, attn, grad_out)
-    for t in (out, gv, gl, ga):
-        assert torch.equal(t, torch.zeros_like(t))
+    for dtype in (torch.float64, torch.float32):
+        args = [t.to(dtype) for t in (value, loc, attn, grad_out)]
+        ours = run_op(args[0], ss, lsi, *args[1:])
+        theirs = run_op_fallback(args[0], ss, *args[1:])
+        for t in ours + theirs:
+            assert torch.equal(t, torch.zeros_like(t))
+
+
+# Non-finite sampling locations, (x, y) pairs: x only, y only, both; NaN, +inf, -inf.
+NON_FINITE = [(float("nan"), 0.4), (0.3, float("nan")), (float("nan"), float("nan")),
+              (float("inf"), 0.4), (0.3, float("-inf")), (float("-inf"), float("inf"))]
+
+
+def _poisoned_inputs(dtype):
+    """Inputs whose sampling locations include every NON_FINITE pair, each at one point of one
+    query-head of one level, next to ordinary points (inside, on the border, outside)."""
+    B, shapes, Q, H, P, Dh = 2, [(4, 5), (2, 3)], 6, 2, 3, 5
+    value, ss, lsi, loc, attn = make_inputs(B, shapes, Q, H, Dh, P)
+    poisoned = []
+    for i, (x, y) in enumerate(NON_FINITE):  # (b, q, h, l, p), all different query-heads
+        where = (i % B, i, i % H, i % 2, i % P)
+        loc[where] = torch.tensor([x, y], dtype=torch.float64)
+        poisoned.append(where)
+    grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
+    return [t.to(dtype) for t in (value, loc, attn, grad_out)], ss, lsi, poisoned, Dh
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nan_and_inf_locations_follow_grid_sample(dtype):
+    """A NaN or infinite sampling location is not "outside the map": grid_sample samples NaN
+    there, so the query-head's output is NaN. Its gradients are grid_sample's too: NaN for the
+    attention weight and for each coordinate whose weights use a NaN fraction (a NaN x makes
+    the y-gradient NaN, while the x-gradient stays 0), and grad_value gets nothing from it."""
+    (value, loc, attn, grad_out), ss, lsi, poisoned, Dh = _poisoned_inputs(dtype)
+    ours = run_op(value, ss, lsi, loc, attn, grad_out)
+    ref = reference(value, ss, loc, attn, grad_out)  # float64 grid_sample
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for name, got, want in zip(("output", "grad_value", "grad_loc", "grad_attn"), ours, ref):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    # what the reference says, spelled out, so that a change in it cannot go unnoticed
+    out, g_value, g_loc, g_attn = ours
+    nan_rows = torch.zeros(out.shape[:2] + (2,), dtype=torch.bool)  # (B, Q, H)
+    for (b, q, h, lvl, p), (x, y) in zip(poisoned, NON_FINITE):
+        nan_rows[b, q, h] = True
+        assert torch.isnan(g_attn[b, q, h, lvl, p])
+        gx, gy = g_loc[b, q, h, lvl, p].tolist()
+        assert math.isnan(gx) == (not math.isfinite(y)) and math.isnan(gy) == (not math.isfinite(x))
+        assert (gx == 0 or math.isnan(gx)) and (gy == 0 or math.isnan(gy))
+    nan_out = torch.isnan(out.view(*out.shape[:2], 2, Dh))
+    assert torch.equal(nan_out, nan_rows[..., None].expand_as(nan_out))
+    assert torch.isfinite(g_value).all()
+    # the fallback (grid_sample itself, plus its NaN term for CUDA's grid_sample) agrees
+    theirs = run_op_fallback(value, ss, loc, attn, grad_out)
+    for name, fb, want in zip(("output", "grad_value", "grad_loc", "grad_attn"), theirs, ref):
+        torch.testing.assert_close(fb.double(), want, rtol=tol, atol=tol, equal_nan=True,
+                                   msg=lambda m: f"fallback {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_nan_attention_weights_values_and_grad_output_propagate(dtype):
+    """NaN in an attention weight (at a point inside the map and at one wholly outside it), in
+    a value cell, or in the upstream gradient: the output and gradients are NaN where
+    grid_sample's are (the fallback), never a silent 0."""
+    B, shapes, Q, H, P, Dh = 2, [(4, 5), (2, 3)], 5, 2, 2, 6
+    value, ss, lsi, loc, attn = make_inputs(B, shapes, Q, H, Dh, P)
+    grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
+    loc[0, 0, 0, 0, 0] = torch.tensor([0.5, 0.5])   # inside: NaN weight
+    attn[0, 0, 0, 0, 0] = float("nan")
+    loc[1, 1, 1, 1, 1] = torch.tensor([-3.0, 0.5])  # wholly outside: NaN weight
+    attn[1, 1, 1, 1, 1] = float("nan")
+    loc[0, 2, 1, 0, 0] = torch.tensor([0.1, 0.1])   # reads cell (0, 0) of level 0...
+    value[0, 0, 1, 3] = float("nan")                # ...which holds a NaN in channel 3
+    loc[1, 3, 0, 1, 1] = torch.tensor([1.5, 0.5])   # wholly outside, and
+    grad_out[1, 3, 2] = float("nan")                # NaN upstream gradient for its query-head
+    args = [t.to(dtype) for t in (value, loc, attn, grad_out)]
+    ours = run_op(args[0], ss, lsi, *args[1:])
+    theirs = run_op_fallback(args[0], ss, *args[1:])
+    ref = reference(value, ss, loc, attn, grad_out)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    names = ("output", "grad_value", "grad_loc", "grad_attn")
+    for name, got, fb, want in zip(names, ours, theirs, ref):
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(fb.double(), want, rtol=tol, atol=tol, equal_nan=True,
+                                   msg=lambda m: f"fallback {name}: {m}")
+    out, _, g_loc, g_attn = ours
+    assert torch.isnan(out[0, 0, :Dh]).all() and torch.isnan(out[1, 1, Dh:]).all()
+    assert torch.isnan(out[0, 2, Dh + 3])
+    assert torch.isnan(g_attn[1, 3, 0, 1, 1]) and torch.isnan(g_loc[1, 3, 0, 1, 1]).all()
 
 
 @pytest.mark.parametrize("Dh", [1, 3])
@@ -247,6 +335,51 @@ def test_bad_input_raises_python_error(case, exc, pattern):
         v = v.tolist()
     with pytest.raises(exc, match=pattern):
         ops.ms_deform_attn(v, ss, lsi, loc, a)
+
+
+# Level tables that must be refused. In int64, (2^32, 2^32) has 0 cells (2^64 wraps around), so
+# the table sums to S and its starts look consistent; four levels of 2^62 cells wrap the sum the
+# same way. A kernel that trusted them would index far outside value (the extension crashed).
+BAD_TABLES = {  # case: (spatial_shapes, level_start_index, what the error names)
+    "hw_wraps": ([(2 ** 32, 2 ** 32), (2, 3)], [0, 0], "spatial_shapes"),
+    "sum_wraps": ([(2 ** 31, 2 ** 31)] * 4 + [(2, 3)], [0, 2 ** 62, -2 ** 63, -2 ** 62, 0],
+                  "spatial_shapes"),
+    "empty_level": ([(0, 7), (2, 3)], [0, 0], r"spatial_shapes\[0\] must be a positive"),
+    # -6 cells: the sum is S again and the starts follow it
+    "negative": ([(-2, 3), (2, 3), (2, 3)], [0, -6, 0], r"spatial_shapes\[0\] must be a positive"),
+    "starts_wrong": ([(1, 2), (1, 4)], [0, 3], "level_start_index"),
+}
+
+
+@pytest.mark.parametrize("backend", ["ext", "fallback"])
+@pytest.mark.parametrize("case", sorted(BAD_TABLES))
+def test_bad_level_table_is_refused(backend, case, monkeypatch):
+    """A clear ValueError naming the argument, from either backend, before any kernel runs."""
+    shapes, starts, pattern = BAD_TABLES[case]
+    if backend == "fallback":
+        monkeypatch.setattr(ops, "_ext_for", lambda device: None)
+    B, S, Q, H, P, Dh = 2, 6, 3, 2, 2, 4
+    value = torch.randn(B, S, H, Dh)
+    loc = torch.rand(B, Q, H, len(shapes), P, 2)
+    attn = torch.rand(B, Q, H, len(shapes), P)
+    ss, lsi = torch.tensor(shapes), torch.tensor(starts)
+    with pytest.raises(ValueError, match=pattern):
+        ops.ms_deform_attn(value, ss, lsi, loc, attn)
+
+
+@pytest.mark.parametrize("case", ["hw_wraps", "sum_wraps"])
+def test_wrapping_level_table_to_raw_extension_raises(case):
+    from common import _C
+    shapes, starts, _ = BAD_TABLES[case]
+    B, S, Q, H, P, Dh = 2, 6, 3, 2, 2, 4
+    value = torch.randn(B, S, H, Dh)
+    loc = torch.rand(B, Q, H, len(shapes), P, 2)
+    attn = torch.rand(B, Q, H, len(shapes), P)
+    ss, lsi = torch.tensor(shapes), torch.tensor(starts)
+    with pytest.raises(RuntimeError, match=r"level 0 \(H, W\) = .* does not fit"):
+        _C.ms_deform_attn_forward(value, ss, lsi, loc, attn)
+    with pytest.raises(RuntimeError, match=r"level 0 \(H, W\) = .* does not fit"):
+        _C.ms_deform_attn_backward(value, ss, lsi, loc, attn, torch.zeros(B, Q, H * Dh))
 
 
 @pytest.mark.parametrize("case,pattern", [
@@ -386,6 +519,33 @@ def test_cuda_border_and_outside_points():
                  attn.float().cuda(), grad_out.float().cuda())
     for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
         assert_close(g, r, rtol=1e-5, atol=2e-5, what=f"cuda {name}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Q,Dh", [(6, 5), (6, 32), (6, 256), (24000, 32)])
+def test_cuda_nan_and_inf_locations_follow_grid_sample(Q, Dh):
+    """As on the CPU: NaN output for a query-head with a NaN or infinite location, and
+    grid_sample's (CPU) gradients; across the lane mappings (scalar, vector, the backward's
+    channel loop) and the shared-memory backward (Q = 24000). A NaN attention weight at a point
+    outside the map and a NaN upstream gradient there give NaN too."""
+    B, shapes, H, P = 2, [(13, 19), (9, 7), (30, 40), (2, 3)], 4, 2
+    value, ss, lsi, loc, attn = make_inputs(B, shapes, Q, H, Dh, P)
+    loc = _off_cell_lines(loc, shapes)
+    grad_out = torch.randn(B, Q, H * Dh, dtype=torch.float64)
+    for i, (x, y) in enumerate(NON_FINITE):
+        loc[i % B, i, i % H, i % 4, i % P] = torch.tensor([x, y], dtype=torch.float64)
+    loc[1, 3, 2, 3, 1] = torch.tensor([-3.0, 0.5])
+    attn[1, 3, 2, 3, 1] = float("nan")
+    loc[0, 5, 1, 1, 0] = torch.tensor([1.5, 0.5])
+    grad_out[0, 5, Dh + 1] = float("nan")
+    value, loc, attn, grad_out = (t.float().double() for t in (value, loc, attn, grad_out))
+    ref = reference(value, ss, loc, attn, grad_out)
+    got = run_op(value.float().cuda(), ss.cuda(), lsi.cuda(), loc.float().cuda(),
+                 attn.float().cuda(), grad_out.float().cuda())
+    for name, g, r in zip(("output", "grad_value", "grad_loc", "grad_attn"), got, ref):
+        scale = float(r[r.isfinite()].abs().max())
+        torch.testing.assert_close(g.double().cpu(), r, rtol=1e-5, atol=2e-5 * max(1.0, scale),
+                                   equal_nan=True, msg=lambda m: f"cuda {name}: {m}")
 
 
 @pytest.mark.cuda

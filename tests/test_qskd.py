@@ -16,7 +16,6 @@ from torchvision.ops import box_convert, generalized_box_iou
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "methods"))
-import baseline  # noqa: E402
 import qskd  # noqa: E402
 from common import engine  # noqa: E402
 from common.checkpoint import trainable_state  # noqa: E402
@@ -227,9 +226,21 @@ def test_dense_and_similarity_maps():
             e_sim[valid] += qw[b, q] * torch.exp(logits - logits.max()) / torch.exp(logits - logits.max()).sum()
             for s in valid:
                 c = float(hs[b, q] @ feats[b, s]) / float(hs[b, q].norm() * feats[b, s].norm())
-                e_cos[s] += qw[b, q] * max(c, 0.0)
+                e_cos[s] += qw[b, q] * c              # raw cosine x weight, summed ...
+        e_cos[valid] = e_cos[valid].clamp(min=0.01)   # ... then floored (DETRDistill's map)
         torch.testing.assert_close(sim[b], e_sim)
         torch.testing.assert_close(cos[b], e_cos)
+
+
+def test_cosine_map_sums_signed_cosines_before_the_floor():
+    """Hand example: at one cell the two queries' cosines are +0.6 and -0.8 (unit vectors), so
+    DETRDistill's map is max(0.6 - 0.8, 0.01) = 0.01 and max(0.8 + 0.6, 0.01) = 1.4 at the
+    other; clamping each cosine at 0 first would give 0.6 and 1.4."""
+    hs = torch.tensor([[[0.6, 0.8], [-0.8, 0.6]]], dtype=torch.float64)     # (1,2,2) unit rows
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]], dtype=torch.float64)  # (1,2,2)
+    out = qskd.similarity_map(hs, feats, torch.zeros(1, 2, dtype=torch.bool),
+                              torch.ones(1, 2, dtype=torch.float64), "cosine")
+    torch.testing.assert_close(out, torch.tensor([[0.01, 1.4]], dtype=torch.float64))
 
 
 def test_agfd_loss_against_loops_and_invariants():
@@ -501,31 +512,26 @@ def test_layer_map_and_unsupported_pairs():
 # ------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def script_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("qskd")
-    data = ["--synth-num-train", "8", "--synth-num-val", "4", "--data-cache", str(tmp / "cache"),
-            "--num-workers", "0", "--max-iters", "1"]
-    baseline.main(["--preset", "cpu-tiny", "--output-dir", str(tmp / "teacher")] + data)
+def script_run(tmp_path_factory, tiny_teacher):
+    tmp, data = tmp_path_factory.mktemp("qskd"), tiny_teacher.data
     out = tmp / "student"
-    stats = qskd.main(["--preset", "cpu-tiny", "--hidden-dim", "16", "--teacher",
-                       str(tmp / "teacher" / "checkpoint.pth"), "--output-dir", str(out)] + data)
-    return tmp, data, out, stats
+    stats = qskd.main(["--preset", "cpu-tiny", "--hidden-dim", "16", "--teacher", tiny_teacher.path,
+                       "--output-dir", str(out)] + data)
+    return tmp, data, out, stats, tiny_teacher.path
 
 
 def test_script_one_iteration(script_run):
-    tmp, data, out, stats = script_run
+    tmp, data, out, stats, teacher = script_run
     for k in ("train_loss_agfd", "train_loss_lapd", "train_loss_lapd_0", "train_loss_ce"):
         assert np.isfinite(stats[k]), k
     assert "test_AP" in stats
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     assert not any(k.startswith("teacher.") for k in ckpt["model"])
     assert set(ckpt["extra"]) == {"adapter.weight", "adapter.bias"}          # 21
-    # the deployed student loads into methods/baseline.py --eval
-    again = baseline.main(["--eval", "--resume", str(out / "checkpoint.pth")] + data)
-    assert again["AP"] == stats["test_AP"]
+    # (that the deployed student loads into methods/baseline.py --eval: test_methods_contract.py)
     # --eval of the distilled student with --visualize: one PNG per image
     ev = qskd.main(["--preset", "cpu-tiny", "--hidden-dim", "16", "--eval", "--resume",
-                    str(out / "checkpoint.pth"), "--teacher", str(tmp / "teacher" / "checkpoint.pth"),
+                    str(out / "checkpoint.pth"), "--teacher", teacher,
                     "--visualize", str(tmp / "figs"), "--visualize-images", "2"] + data)
     assert ev["AP"] == stats["test_AP"]
     figs = sorted(os.listdir(tmp / "figs"))
@@ -533,10 +539,9 @@ def test_script_one_iteration(script_run):
 
 
 def test_script_refuses_unsupported_pair(script_run):
-    tmp, data, _, _ = script_run
+    tmp, data, _, _, teacher = script_run
     with pytest.raises(ValueError, match="teacher deformable_detr, student dino"):
-        qskd.main(["--preset", "cpu-tiny", "--variant", "dino", "--teacher",
-                   str(tmp / "teacher" / "checkpoint.pth")] + data)
+        qskd.main(["--preset", "cpu-tiny", "--variant", "dino", "--teacher", teacher] + data)
 
 
 # ------------------------------------------------------------------------------------------
