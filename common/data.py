@@ -54,7 +54,8 @@ from torchvision import tv_tensors
 
 from common.distributed import barrier, is_main_process
 
-__all__ = ["CocoDetection", "load_coco_annotations", "check_images", "ImageDecodeError", "make_transforms", "RandomSizeCrop", "collate",
+__all__ = ["CocoDetection", "load_coco_annotations", "check_images", "ImageDecodeError",
+           "make_transforms", "RandomSizeCrop", "collate",
            "build_dataset", "add_data_args", "SynthPreset", "SYNTH_PRESETS", "SYNTH_VERSION",
            "generate_synthetic", "ensure_synthetic", "verify_synthetic", "synthetic_image", "default_cache_dir"]
 
