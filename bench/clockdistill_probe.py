@@ -91,7 +91,7 @@ def summary(rows):
 
 
 def main(argv=None):
-    parser = distill.build_parser(__doc__.splitlines()[0])
+    parser = distill.build_parser(__doc__)
     clockdistill.add_args(parser)
     parser.add_argument("--max-images", type=int, default=None,
                         help="stop after this many validation images")

@@ -17,8 +17,8 @@ loading included) and ``peak_mem_mb`` (peak resident memory of the process, CUDA
 GPU) that common/engine.py logs.
 
 Spread is the sample standard deviation over seeds; a method's "gain" is its AP mean minus the
-baseline's, and "> noise" says whether the gain is larger than max(1.0 AP, baseline spread), the
-bar of the method issues.
+baseline's, and "> noise" says whether the gain is larger than max(1.0 AP, baseline spread): a
+rough rule that ignores the method's own spread (a paired test over seeds is stricter).
 """
 import argparse
 import concurrent.futures

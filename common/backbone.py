@@ -6,7 +6,7 @@
   C3, C4, C5 (Deformable DETR, DINO-4scale), each with the padding mask resized to it.
 * ``PositionEmbeddingSine``: the normalised 2-D sine encoding of the image grid (DETR,
   Carion et al. arXiv:2005.12872, sec. 3 and appendix; temperature and the -0.5 pixel-centre
-  offset differ per variant, specs/detr-family.md sec. 1.2).
+  offset differ per variant).
 * ``sine_embed``: the sine embedding of query points or boxes (Conditional DETR, Meng et al.
   arXiv:2108.06152, eq. 4; DAB-DETR, Liu et al. arXiv:2201.12329, sec. 4.2), in the order
   y, x, w, h; or x, y, w, h for Deformable DETR's two-stage proposals.

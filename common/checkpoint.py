@@ -33,7 +33,7 @@ list), to fine-tune or evaluate an official model on a subset.
 
 Not covered, and refused by name: DAB-DETR's "3 pat" models (``transformer.patterns.weight``),
 single-scale Deformable DETR and DINO-5scale (other ``input_proj`` / ``level_embed`` shapes).
-The key lists follow the module definitions (spec sec. 8: not yet checked on released files).
+The key lists follow the module definitions.
 
 Usage::
 
@@ -98,7 +98,7 @@ _DEC_CLASS = ("transformer.decoder.class_embed.", "class_embed.")
 
 def official_layout(variant: str, dec_layers: int = 6, with_box_refine: bool = False,
                     two_stage: bool = False) -> OfficialLayout:
-    """The explicit mapping of each variant (specs/detr-family.md sec. 7.2-7.6)."""
+    """The explicit mapping of each variant."""
     if not (isinstance(dec_layers, int) and dec_layers > 0):
         raise ValueError(f"dec_layers must be a positive int, got {dec_layers!r}")
     if variant != "deformable_detr" and (with_box_refine or two_stage):

@@ -137,24 +137,31 @@ def add_train_args(parser):
                    help="also keep checkpointNNNN.pth every N epochs (0: only the copies "
                         "kept before each lr drop)")
     g.add_argument("--eval", action="store_true", help="evaluate --resume's model only")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42,
+                   help="seed of every random stream (each torchrun process adds its rank)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None)
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--lr-drop", "--lr_drop", dest="lr_drop", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None,
+                   help="images per process and iteration")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs")
+    g.add_argument("--lr-drop", "--lr_drop", dest="lr_drop", type=int, default=None,
+                   help="the lr is multiplied by 0.1 every this many epochs")
+    g.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate of the transformer and heads, for the total batch "
+                        "(processes x --batch-size)")
     g.add_argument("--lr-backbone", "--lr_backbone", dest="lr_backbone", type=float,
-                   default=None)
+                   default=None, help="learning rate of the backbone")
     g.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float,
-                   default=None)
+                   default=None, help="AdamW weight decay")
     g.add_argument("--clip-max-norm", "--clip_max_norm", dest="clip_max_norm", type=float,
-                   default=None)
-    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=2)
+                   default=None, help="gradient clipping by total norm (0: off)")
+    g.add_argument("--num-workers", "--num_workers", dest="num_workers", type=int, default=2,
+                   help="data loading processes per training process")
     g.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (losses in fp32)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--max-iters", dest="max_iters", type=int, default=None,
                    help="stop each epoch (and evaluation) after this many iterations (smoke runs)")
-    g.add_argument("--print-every", dest="print_every", type=int, default=10)
+    g.add_argument("--print-every", dest="print_every", type=int, default=10,
+                   help="print the running losses every this many iterations")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write TensorBoard scalars to OUTPUT_DIR/tensorboard: every loss "
                         "and KD term, its weight and lr per iteration, AP per epoch (needs the "
@@ -187,9 +194,56 @@ class ArgumentParser(argparse.ArgumentParser):
         return set(vars(probe))
 
 
-def build_parser(description):
-    parser = ArgumentParser(description=description,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+# flags whose value, when not given, comes from the recipe, the preset or the variant
+RESOLVED_FLAGS = set(MODEL_FLAGS) | {"variant", "with_box_refine", "two_stage", "pretrained",
+                                     "batch_size", "epochs", "lr_drop", "lr", "lr_backbone",
+                                     "weight_decay", "clip_max_norm"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with the default actually used: its value, or for the settings
+    that the recipe, the preset or the variant decide, where the value comes from (the run
+    prints every resolved value at start). The description and epilog keep their lines."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default:" in text or action.default is argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        if action.default is None:
+            if action.dest in RESOLVED_FLAGS:
+                return text + " (default: the recipe's, the preset's or the variant's; the " \
+                              "values used are printed at start)"
+            return text + " (default: not set)"
+        return text + " (default: %(default)s)"
+
+
+def epilog_from(doc):
+    """The example commands (indented lines that run python or torchrun) and the paper lines of
+    a script's docstring, for the end of its --help."""
+    lines = (doc or "").splitlines()
+    examples = [ln.strip() for ln in lines
+                if ln.startswith("    ") and ln.strip().startswith(("python ", "torchrun "))]
+    paper = []
+    for ln in lines:
+        if ln.startswith("Paper:") or (paper and ln.strip() and not ln.startswith(
+                ("Official code", "    ")) and len(paper) < 4 and not paper[-1].endswith(").")):
+            paper.append(ln.strip())
+        elif paper:
+            break
+    out = []
+    if examples:
+        out += ["examples:"] + [f"  {e}" for e in examples]
+    if paper:
+        out += ["", " ".join(paper)]
+    return "\n".join(out) or None
+
+
+def build_parser(doc):
+    """The shared flags; ``doc``: the script's docstring (its first line is the description,
+    its example commands and paper reference the epilog)."""
+    parser = ArgumentParser(description=(doc or "").strip().splitlines()[0],
+                            epilog=epilog_from(doc), formatter_class=HelpFormatter)
     add_model_args(parser)
     add_train_args(parser)
     add_data_args(parser)

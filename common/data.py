@@ -398,7 +398,7 @@ def collate(batch):
 
     images: float32 (B, 3, H, W), contiguous NCHW, zero padding on the right and bottom to the
             batch's largest H and W (never a channels-last view: on this torch the CPU backward
-            of a 1x1 stride-2 conv on one crashes, see specs/data-and-users.md A.4)
+            of a 1x1 stride-2 conv on one crashes)
     masks:  bool (B, H, W), True on padding
     targets: the list of B target dicts, unchanged
     """

@@ -46,8 +46,8 @@ BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 SHIPPED_TEACHERS = os.path.join(os.path.dirname(BASELINE), "teachers")
 
 
-def build_parser(description, default_preset="cpu-student"):
-    parser = cli.build_parser(description)
+def build_parser(doc, default_preset="cpu-student"):
+    parser = cli.build_parser(doc)
     g = parser.add_argument_group("teacher")
     g.add_argument("--teacher", default=None,
                    help="teacher checkpoint.pth from methods/baseline.py, or an official one "

@@ -1,6 +1,6 @@
 """Attention, encoder and decoder layers and decoder loops of the DETR family.
 
-Layers keep the official parameter names (specs/detr-family.md sec. 7) so checkpoints map onto
+Layers keep the official parameter names so checkpoints map onto
 them almost one to one:
 
 * ``EncoderLayer``: dense post-norm self-attention + FFN (DETR, Conditional DETR, DAB-DETR).
@@ -166,7 +166,7 @@ class ConditionalAttention(nn.Module):
     copy): q and k have ``embed_dim`` channels, v has ``vdim``; only ``out_proj`` (vdim->vdim).
 
     In the cross-attention q/k are [content | spatial] per head, so embed_dim = 2*D and the
-    logits are scaled by 1/sqrt(2*D/heads) while v has head dim D/heads (spec trap 8).
+    logits are scaled by 1/sqrt(2*D/heads) while v has head dim D/heads.
     """
 
     def __init__(self, embed_dim, num_heads, vdim, dropout=0.0):
@@ -583,7 +583,7 @@ def encoder_proposals(memory, padding_mask, spatial_shapes_list):
 
     Every token proposes a box at its cell centre (normalised by the valid size) with
     w = h = 0.05 * 2^level. Proposals within 0.01 of the border or under padding are invalid:
-    their logit-space boxes become +inf and their memory 0 (spec trap 10).
+    their logit-space boxes become +inf and their memory 0.
     memory (B,S,D), padding_mask (B,S) -> memory (B,S,D) masked, anchors (B,S,4) logit space.
     """
     B = memory.shape[0]

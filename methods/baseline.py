@@ -38,7 +38,7 @@ class Detector(nn.Module):
 
 
 def main(argv=None):
-    parser = cli.build_parser(__doc__.splitlines()[0])
+    parser = cli.build_parser(__doc__)
     args, _ = cli.resolve(parser.parse_args(argv))
     run = engine.prepare(args)
     return engine.train(run, Detector(run.student, build_criterion(run.student, run.num_classes)))

@@ -2,7 +2,7 @@
 
 Jiahao Chang, Shuo Wang, Hai-Ming Xu, Zehui Chen, Chenhongyi Yang, Feng Zhao. ICCV 2023,
 arXiv:2211.10156. Official code: github.com/BIVLab-USTC/DETRDistill (MMDetection 2.x, Deformable
-DETR only; read at commit b5ee33d7). Spec: specs/methods/detrdistill.md.
+DETR only; read at commit b5ee33d7).
 
     python methods/detrdistill.py                         # embedded data, cached cpu-teacher
     python methods/detrdistill.py --data coco --coco-path /data/coco --teacher teacher.pth \
@@ -19,7 +19,7 @@ A frozen teacher supervises a student of the same DETR family at every decoder l
           decoder as a separate group, supervised with the teacher's own GT assignment (C3);
     NCE   the query contrastive (InfoNCE) term of the released code only (C4), weight 0.2.
 
-Where we follow the official code rather than the paper (spec "Ambiguities"):
+Where we follow the official code rather than the paper:
     A1  TAFD imitates the features entering the encoder (our input projections), not the
         encoder output of the paper's figure (``--feature-source encoder_memory`` for that).
     A2  the TAFD mask is built from the teacher's decoder *output* states of the same layer.
@@ -148,7 +148,7 @@ class DETRDistillConfig:
 # ------------------------------------------------------------------------------------------
 
 def layer_mapping(num_student: int, num_teacher: int, mode: str = "ceil"):
-    """Spec A7: 0-based teacher layer for each student layer. ``ceil``: student layer i (1-based)
+    """0-based teacher layer for each student layer. ``ceil``: student layer i (1-based)
     -> teacher layer ceil(i L_T / L_S), monotonic, last -> last; ``last``: the last L_S layers.
     Both are l -> l when L_S = L_T (the official is_layer_by_layer_distill)."""
     if mode == "ceil":
@@ -198,7 +198,7 @@ def teacher_pseudo_boxes(boxes: torch.Tensor, clamp: bool = True) -> torch.Tenso
 
 @torch.no_grad()
 def hmld_cost(s_logits, s_boxes, t_probs, t_boxes, w_class=1.0, w_bbox=5.0, w_giou=2.0):
-    """Student-vs-teacher matching cost (spec C1, DistillHungarianAssigner):
+    """Student-vs-teacher matching cost:
 
         C_ij = w_class sum_c BCE(z_ic, p_jc) + w_bbox |b_i - b_j|_1 - w_giou GIoU(b_i, b_j)
 
@@ -213,7 +213,7 @@ def hmld_cost(s_logits, s_boxes, t_probs, t_boxes, w_class=1.0, w_bbox=5.0, w_gi
 
 
 def hmld_loss(s_logits, s_boxes, t_probs, t_boxes, indices):
-    """Spec C1 loss for one layer: (class, L1, GIoU) terms, unweighted.
+    """HMLD loss for one layer: (class, L1, GIoU) terms, unweighted.
 
         L_cls  = (1/P)  sum_i sum_c BCE(z_ic, p_{sigma(i),c})    P  = B N_S local (A6, A9)
         L_L1   = (1/P') sum_pairs |b_i - b_sigma(i)|_1             P' = pairs averaged over
@@ -300,7 +300,7 @@ def hmld_loss_paper(s_logits, s_boxes, t_probs, t_boxes, matched):
 
 @torch.no_grad()
 def tafd_select(t_probs, t_boxes, t_hs, targets, k=100, form="code", gamma=0.5):
-    """Quality-scored teacher queries (spec C2 preprocessing step 3).
+    """Quality-scored teacher queries.
 
     Top-k (query, class) pairs of the flattened (N x C) teacher scores: query = idx // C,
     class = idx % C (a query can appear twice). Quality, with c the pair's score and IoU =
@@ -328,7 +328,7 @@ def tafd_select(t_probs, t_boxes, t_hs, targets, k=100, form="code", gamma=0.5):
 
 @torch.no_grad()
 def tafd_mask(hs, quality, t_feat, floor=0.01):
-    """M(h,w) = max(sum_n s_n cos(q_n, F^T(h,w)), floor) / max_hw(...) per image (spec C2, A4).
+    """M(h,w) = max(sum_n s_n cos(q_n, F^T(h,w)), floor) / max_hw(...) per image.
 
     hs (B,K,D) selected teacher queries, quality (B,K), t_feat (B,D,H,W). Returns (B,1,H,W), no
     gradient (teacher tensors only), values in (0, 1], maximum exactly 1 per image.
@@ -508,7 +508,7 @@ class DETRDistill(nn.Module):
                 for i, l in enumerate(self.layer_map)]
 
     def qpad_queries(self, t_dec):
-        """The teacher's queries in the student's format (spec C3, A8)."""
+        """The teacher's queries in the student's format."""
         q, v = t_dec.queries, self.student.variant
         proj = getattr(self, "query_proj", None)
         content, pos, ref = q.content, q.pos, q.reference
@@ -727,7 +727,7 @@ def add_method_args(parser):
 
 
 def main(argv=None):
-    parser = distill.build_parser(__doc__.splitlines()[0])
+    parser = distill.build_parser(__doc__)
     add_method_args(parser)
     args = distill.resolve(parser.parse_args(argv))
     cfg = distill.config_from_args(DETRDistillConfig, args)

@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ops  # noqa: E402
+from common import cli, ops  # noqa: E402
 from common.synthetic import SYNTH_PRESETS, synthetic_image  # noqa: E402
 from common.engine import main_guard  # noqa: E402
 from predict import load_for_inference, read_image, val_transform  # noqa: E402
@@ -143,7 +143,8 @@ def compare(model, runner, images, masks):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     epilog=cli.epilog_from(__doc__),
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth of this project")
     parser.add_argument("--format", required=True, choices=FORMATS)
     parser.add_argument("--output", required=True,

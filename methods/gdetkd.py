@@ -2,9 +2,9 @@
 
 Paper: Lewei Yao, Renjie Pi, Hang Xu, Wei Zhang, Zhenguo Li, Tong Zhang, "G-DetKD: Towards
 General Distillation Framework for Object Detectors via Contrastive and Semantic-guided Feature
-Imitation", ICCV 2021, arXiv:2108.07482. Official code: none public. Spec:
-specs/methods/gdetkd.md (tags: [note-G] a paper-reading note, [3p-G] Luting Wang's re-implementation
-in LutingWang/todd and LutingWang/HEAD, [recon] our reconstruction).
+Imitation", ICCV 2021, arXiv:2108.07482. Official code: none public.
+Sources are tagged: [note-G] a paper-reading note, [3p-G] Luting Wang's re-implementation
+in LutingWang/todd and LutingWang/HEAD, [recon] our reconstruction.
 
     python methods/gdetkd.py                                   # embedded data, cached teacher
     python methods/gdetkd.py --teacher t.pth --variant conditional_detr ...   # heterogeneous pair
@@ -20,8 +20,8 @@ The two losses (added to the student's own DETR loss, L = L_det + 1.0 L_SGFI + 0
         other RoIs' teacher embeddings (this step's, of every process) and a queue of past ones
         (all processes), minus those of the same image that overlap the positive with IoU > 0.5.
 
-The paper distils CNN detectors with an FPN. THE WHOLE DETR ADAPTATION IS OUR DESIGN [recon]
-(spec C4), following the paper's heterogeneous (one-stage student) path:
+The paper distils CNN detectors with an FPN. THE WHOLE DETR ADAPTATION IS OUR DESIGN [recon],
+following the paper's heterogeneous (one-stage student) path:
   - the pyramid is the maps entering the encoder (``input_proj``; option: the encoder memory
     split back per level); a single-scale student (Conditional DETR, DAB-DETR) gets a train-time
     pseudo-pyramid from its backbone C3-C5 (option: its one native level);
@@ -53,9 +53,9 @@ RoIAlign is torchvision's roi_align(aligned=True), computed as two matrix produc
 (``common.ops.roi_align_separable``, tested equal to torchvision's in float64): torchvision's CPU
 backward dominated a training step on the CPU.
 Not implemented: the paper's homogeneous-pair extras (R-CNN prediction KD, class-aware
-regression KD, head transfer) and the torchvision CNN path, an optional extension of the spec.
+regression KD, head transfer) and the torchvision CNN path (the paper's own CNN detectors).
 
-Pairs (spec "Pairs"): {Deformable DETR, DINO, Conditional DETR, DAB-DETR} -> the same set,
+Pairs: {Deformable DETR, DINO, Conditional DETR, DAB-DETR} -> the same set,
 including mixed ones (e.g. Deformable DETR or DINO -> Conditional DETR); plain DETR is refused.
 """
 import os
@@ -130,7 +130,7 @@ class GDetKDConfig:
 
 
 # ------------------------------------------------------------------------------------------
-# Regions of interest (spec C4.3, C4.4)
+# Regions of interest
 # ------------------------------------------------------------------------------------------
 
 def sample_rois(pred_boxes, targets, cfg, generator=None):
@@ -182,7 +182,7 @@ def teacher_levels(rois, strides, cfg):
 
 
 # ------------------------------------------------------------------------------------------
-# Pyramids (spec C4.1, C4.2)
+# Pyramids
 # ------------------------------------------------------------------------------------------
 
 def level_strides(model):
@@ -249,7 +249,7 @@ def pool_assigned(maps, strides, rois, level, cfg):
 # ------------------------------------------------------------------------------------------
 
 class SGFI(nn.Module):
-    """Semantic-guided feature imitation (G-DetKD sec. 3.1; spec C1).
+    """Semantic-guided feature imitation (G-DetKD sec. 3.1).
 
     f_adap: 1x1 conv C_l -> C_T per student level (or one shared); f_embed: 3x3 stride-2 unpadded
     conv C_T -> 128, ReLU, 3x3 stride-2 conv 128 -> 64, ReLU, shared by both sides (7x7 -> 1x1);
@@ -363,7 +363,7 @@ class TeacherQueue(nn.Module):
 
 def ckd_loss(z_s, z_t, queue, roi_image, roi_boxes, gamma=0.07, iou_thr=0.5,
              positive_in_denominator=True, num_rois=None):
-    """Contrastive KD (G-DetKD sec. 3.2; spec C2): InfoNCE with u = normalize(z_s),
+    """Contrastive KD (G-DetKD sec. 3.2): InfoNCE with u = normalize(z_s),
     v = normalize(z_t),
 
         L = -(1/N) sum_i log exp(u_i.v_i/g) / (exp(u_i.v_i/g) + sum_{j in Neg(i)} exp(u_i.v_j/g))
@@ -394,7 +394,7 @@ def ckd_loss(z_s, z_t, queue, roi_image, roi_boxes, gamma=0.07, iou_thr=0.5,
 
 
 class RoIQueries(nn.Module):
-    """Frozen box-conditioned queries for CKD (spec C4.5): the same tensors for teacher and
+    """Frozen box-conditioned queries for CKD: the same tensors for teacher and
     student (the first D_T / D_S channels of one frozen content vector and of one frozen
     MLP(logit(box)) 4 -> 64 -> D_max), built per family as in clockdistill.md C2.1."""
 
@@ -647,7 +647,7 @@ HELP = {
     "ckd_iou_thr": "same-image negatives above this IoU are dropped",
     "ckd_shared_head": "one linear projection f_theta shared by student and teacher before the "
                        "cosine (the paper note's form); off: a student-side adapter only",
-    "ckd_positive_in_denominator": "standard InfoNCE (off: the [3p-G] ratio pos / sum neg)",
+    "ckd_positive_in_denominator": "standard InfoNCE (off: the ratio pos / sum neg of a third-party re-implementation)",
 }
 
 
@@ -658,7 +658,7 @@ def add_args(parser):
 
 
 def main(argv=None):
-    parser = add_args(distill.build_parser(__doc__.splitlines()[0]))
+    parser = add_args(distill.build_parser(__doc__))
     args = distill.resolve(parser.parse_args(argv))
     cfg = distill.config_from_args(GDetKDConfig, args)
     run = engine.prepare(args)

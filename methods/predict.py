@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import cli  # noqa: E402
 from common.checkpoint import read_checkpoint  # noqa: E402
 from common.criterion import build_postprocess  # noqa: E402
 from common.data import SYNTH_PRESETS, collate, make_transforms  # noqa: E402
@@ -228,7 +229,8 @@ def predict(checkpoint, source, output_dir, *, score_threshold=0.3, device="cpu"
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     epilog=cli.epilog_from(__doc__),
+                                     formatter_class=cli.HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth of this project")
     parser.add_argument("--source", required=True, help="an image file or a folder of images")
     parser.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True,

@@ -23,7 +23,7 @@ Total: L = L_det + lambda_agfd * L_AGFD + lambda_lapd * sum_l L_LAPD^l.
 
 RECONSTRUCTED [recon]. Only the concepts and headline results are confirmed; the paper's method
 section was not available to us. The equations, thresholds, weights and the imitated feature
-below are our reconstruction (specs/methods/qskd.md), close to DETRDistill / Q-DETR conventions;
+below are our reconstruction, close to DETRDistill / Q-DETR conventions;
 every one is a flag so it can be set to the paper's value once verified:
   - GQS: argmax-GIoU group per query, absolute tau = 0.5 (or Q-DETR-style relative tau), matched
     query always in its GT's group, groups disjoint, optional per-group cap k_max.
@@ -38,8 +38,8 @@ every one is a flag so it can be set to the paper's value once verified:
     per pair, averaged over the pairs (their count averaged over processes, as the detection
     loss's box count: N processes x batch b train like one x batch N b); every layer, student
     layer i against
-    teacher layer ceil(i * L_T / L_S) (1-based); the "kl" class option's temperature is a
-    placeholder (1) with no source value.
+    teacher layer ceil(i * L_T / L_S) (1-based); the "kl" class option's temperature is 1
+    (reconstructed: the paper does not state it).
   - DINO's denoising queries never enter GQS, AGFD or LAPD; no teacher-query injection, no
     contrastive term. Easy negatives are not distilled.
 Ambiguities to verify in the PDF, in priority order (project default first):
@@ -84,7 +84,7 @@ COSINE_FLOOR = 0.01  # DETRDistill's TAFD mask floor, clamp(min=1e-2) [code]
 
 
 # ------------------------------------------------------------------------------------------
-# Config: the spec's defaults (specs/methods/qskd.md, "Defaults"); all [recon] unless tagged
+# Config: the defaults; all [recon] (our reconstruction) unless tagged
 # ------------------------------------------------------------------------------------------
 
 def _f(default, doc):
@@ -116,7 +116,7 @@ class QSKDConfig:
     lapd: bool = _f(True, "local alignment prediction distillation")
     lambda_lapd: float = _f(1.0, "LAPD weight of every decoder layer")
     kd_cls: str = _f("bce", "[code] class KD: bce (DETRDistill soft-target BCE), or kl")
-    temperature: float = _f(1.0, "kl only; a placeholder, no source value")
+    temperature: float = _f(1.0, "kl only; reconstructed: the paper does not state it")
     lambda_cls: float = _f(1.0, "LAPD class term weight (option: 2)")
     lambda_l1: float = _f(5.0, "LAPD L1 box term weight")
     lambda_giou: float = _f(2.0, "LAPD GIoU term weight")
@@ -177,7 +177,7 @@ def rank_within_groups(key, score, num_keys):
 
 def group_query_selection(boxes, gt_boxes, num_gt, matched, tau=0.5, tau_mode="absolute",
                           k_max=0, hard_negatives=True) -> Groups:
-    """Group Query Selection (spec C1) for a batch.
+    """Group Query Selection for a batch.
 
     boxes (B,N,4) predicted, gt_boxes (B,M,4) padded GT, both normalised cxcywh; num_gt: B ints
     (real GT per image); matched: per image (query_idx, gt_idx) of the model's own Hungarian
@@ -294,7 +294,7 @@ def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
 
 def agfd_loss(feat_teacher, feat_student, mask, spatial_shapes_list):
     """L_AGFD = sum_levels [ sum_hw M_hw ||F^T_hw - phi(F^S_hw)||^2 / (sum_hw M_hw * d) ]
-    (spec C2 eq.), sums over the level's cells and the batch; sum_hw M_hw is averaged over
+   , sums over the level's cells and the batch; sum_hw M_hw is averaged over
     processes; an all-zero mask gives 0.
 
     feat_teacher, feat_student (B,S,d) (the student already through the adapter phi); mask (B,S)."""
@@ -352,7 +352,7 @@ def pack_groups(group, num_gt_slots):
 
 
 def local_pairs(blocks, cfg: QSKDConfig):
-    """LAPD pairing (spec C3.2): one Hungarian problem per (layer, image, GT) group pair, of size
+    """LAPD pairing: one Hungarian problem per (layer, image, GT) group pair, of size
     |G^S_j| x |G^T_j|, all solved by one batched call of the assignment op. No N_S x N_T matrix.
 
     blocks: per layer (s_logits (B,N_S,C), s_boxes, t_logits (B,N_T,C), t_boxes, s_groups,
@@ -402,7 +402,7 @@ def local_pairs(blocks, cfg: QSKDConfig):
 
 
 def lapd_loss(z_s, b_s, z_t, b_t, cfg: QSKDConfig):
-    """L_LAPD^l (spec C3.3) over the K pairs of a layer: z (K,C) logits, b (K,4) cxcywh ->
+    """L_LAPD^l over the K pairs of a layer: z (K,C) logits, b (K,4) cxcywh ->
     (1/max(K',1)) sum [lambda_cls KD_cls + lambda_l1 |b_s - b_t|_1 + lambda_giou (1 - GIoU)],
     K' = the pair count averaged over processes (K alone).
     The soft BCE's minimum is the teacher's entropy, not 0: the logged value never reaches 0."""
@@ -447,7 +447,7 @@ class QSKD(nn.Module):
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.criterion = build_criterion(student, num_classes)          # L_det and its matcher
         self.teacher_matcher = build_criterion(teacher, num_classes).matcher
-        # phi: a 1x1 conv (here a Linear over tokens) only when the widths differ (spec C2.4)
+        # phi: a 1x1 conv (here a Linear over tokens) only when the widths differ
         d_t, d_s = teacher.hidden_dim, student.hidden_dim
         self.adapter = nn.Linear(d_s, d_t) if cfg.agfd and d_s != d_t else None
         L_t, L_s = teacher.cfg.dec_layers, student.cfg.dec_layers
@@ -628,13 +628,13 @@ def visualize(distiller: QSKD, dataset, out_dir, num_images=4):
 def add_qskd_args(parser):
     """One flag per QSKDConfig field (--tau, --tau-mode, --no-agfd, ...), defaults from it."""
     g = distill.add_config_args(parser, QSKDConfig,
-                                "QSKD (all [recon] unless the docstring says otherwise)")
+                                "QSKD (reconstructed: the paper's method section was not available; every default is ours unless the docstring says otherwise)")
     figures.add_args(g, "the GQS groups, LAPD pairs and AGFD masks")
     return parser
 
 
 def main(argv=None):
-    parser = distill.build_parser(__doc__.splitlines()[0])
+    parser = distill.build_parser(__doc__)
     add_qskd_args(parser)
     args = distill.resolve(parser.parse_args(argv))
     cfg = distill.config_from_args(QSKDConfig, args)
