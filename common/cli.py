@@ -210,6 +210,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if "%(default)" in text or "default:" in text or action.default is argparse.SUPPRESS \
                 or not action.option_strings:
             return text
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return text + " (default: off)"  # a switch: given means on
         if action.default is None:
             if action.dest in RESOLVED_FLAGS:
                 return text + " (default: the recipe's, the preset's or the variant's; the " \
