@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 
-from collections.abc import Mapping
 from dataclasses import fields
 
 from torch import nn

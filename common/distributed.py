@@ -99,11 +99,11 @@ def reduce_mean(values: dict) -> dict:
     return {k: v / world_size() for k, v in zip(keys, t.tolist())}
 
 
-def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's ``(n_p, ...)`` rows (n_p may differ), in rank order, without
-    gradient; the input itself with one process."""
+def gather_rows_per_process(x: torch.Tensor):
+    """Every process's ``(n_p, ...)`` rows (n_p may differ), as a list in rank order, and this
+    process's rank; ``([x], 0)`` with one process. Other processes' rows carry no gradient."""
     if world_size() == 1:
-        return x
+        return [x], 0
     n = torch.tensor([x.shape[0]], device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(world_size())]
     dist.all_gather(sizes, n)
@@ -112,7 +112,14 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     padded[:x.shape[0]] = x.detach()
     parts = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    return [p[:s] for p, s in zip(parts, sizes)], dist.get_rank()
+
+
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's ``(n_p, ...)`` rows concatenated in rank order, without gradient; the
+    input itself with one process."""
+    rows, _ = gather_rows_per_process(x)
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def all_gather_objects(obj) -> list:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.checkpoint import (check_state_fits, load_detector, load_trainable_state,
+from common.checkpoint import (load_detector, load_trainable_state,
                                read_checkpoint, save_checkpoint, trainable_state, unwrap)
 from common.criterion import build_postprocess
 from common.data import ImageDecodeError, build_dataset, collate, default_cache_dir

@@ -71,7 +71,6 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
@@ -81,7 +80,7 @@ from common import distill, engine, figures  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
 from common.data import collate  # noqa: E402
-from common.distributed import is_main_process  # noqa: E402
+from common.distributed import is_main_process, mean_over_processes  # noqa: E402
 from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
 
@@ -268,14 +267,6 @@ def class_kd(logits_s, logits_t, tau, kd_cls="softmax_kl"):
     return kl * tau ** 2
 
 
-def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
-    """A normaliser averaged over processes, as the detection loss's box count, so that N
-    processes x batch b train like one process x batch N b; the value itself alone."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / dist.get_world_size()
-    return x
 
 
 def tcld_layer(logits_s, boxes_s, logits_t, boxes_t, w, tau, kd_cls="softmax_kl", norm="project",

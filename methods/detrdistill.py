@@ -79,7 +79,6 @@ import sys
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import ImageDraw
 from torch import nn
@@ -90,7 +89,7 @@ from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
 from common.data import collate  # noqa: E402
-from common.distributed import is_main_process  # noqa: E402
+from common.distributed import is_main_process, mean_over_processes  # noqa: E402
 from common.detr import Queries  # noqa: E402
 
 SUPPORTED = ("deformable_detr", "conditional_detr", "dab_detr", "dino")
@@ -176,13 +175,6 @@ def rerun_encoder(model, enc):
     return replace(enc, memory=memory, proposals=None)
 
 
-def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
-    """A count averaged over processes (the code's reduce_mean); the value itself on one."""
-    if dist.is_available() and dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / dist.get_world_size()
-    return x
 
 
 # ------------------------------------------------------------------------------------------

@@ -64,7 +64,6 @@ from collections import deque
 from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import ImageDraw
 from torch import nn
@@ -76,7 +75,8 @@ from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
 from common.data import collate  # noqa: E402
-from common.distributed import is_main_process  # noqa: E402
+from common.distributed import (gather_rows_per_process, is_main_process,  # noqa: E402
+                                mean_over_processes)
 from common.detr import Queries  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
 
@@ -302,34 +302,10 @@ class SGFI(nn.Module):
 # C2: CKD
 # ------------------------------------------------------------------------------------------
 
-def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
-    """A count averaged over processes (as the detection loss's box count); itself alone."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / dist.get_world_size()
-    return x
 
 
-def gather_rows_per_process(x):
-    """The (N_p, d) tensors of every process (N_p may differ), in rank order, and this
-    process's rank; ([x], 0) alone. No gradient flows back through other processes' rows."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [x], 0
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    m = int(max(s.item() for s in sizes))
-    padded = torch.cat([x, x.new_zeros(m - x.shape[0], *x.shape[1:])])
-    out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded.contiguous())
-    return [o[:int(s.item())] for o, s in zip(out, sizes)], dist.get_rank()
 
 
-def all_gather_rows(x):
-    """Concatenate the (N_p, d) tensors of all processes (N_p may differ); identity alone."""
-    rows, _ = gather_rows_per_process(x)
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 class TeacherQueue(nn.Module):

@@ -65,7 +65,6 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from PIL import ImageDraw
@@ -75,7 +74,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import distill, engine, figures, ops  # noqa: E402
 from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
-from common.distributed import is_main_process  # noqa: E402
+from common.distributed import is_main_process, mean_over_processes  # noqa: E402
 from common.data import collate  # noqa: E402
 from common.matcher import pad_targets  # noqa: E402
 
@@ -282,14 +281,6 @@ def normalise_mask(raw, spatial_shapes_list, mode="max"):
     return torch.cat(out, 1)
 
 
-def mean_over_processes(x: torch.Tensor) -> torch.Tensor:
-    """A normaliser averaged over processes, as the detection loss's box count, so that N
-    processes x batch b train like one process x batch N b; the value itself alone."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x = x / dist.get_world_size()
-    return x
 
 
 def agfd_loss(feat_teacher, feat_student, mask, spatial_shapes_list):

@@ -15,6 +15,7 @@ import gdetkd  # noqa: E402
 from common import engine  # noqa: E402
 from common.detr import build_model  # noqa: E402
 from common.distill import freeze  # noqa: E402
+from common.distributed import all_gather_rows  # noqa: E402
 
 SMALL = dict(backbone="tiny", width=8, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
              dim_feedforward=64, num_queries=10, dropout=0.0)
@@ -235,7 +236,7 @@ def test_ckd_overlapping_same_image_negatives_are_excluded():  # invariant 9
 def test_queue_is_bounded_and_detached():  # invariants 10 and 11
     q = gdetkd.TeacherQueue(10)
     x = torch.randn(3, 4, requires_grad=True)
-    assert gdetkd.all_gather_rows(x) is x  # one process: identity
+    assert all_gather_rows(x) is x  # one process: identity
     for i in range(15):
         q.push(x * (i + 1))
     assert len(q.items) == 10
@@ -505,11 +506,11 @@ def _gather_worker(rank, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         mine = torch.full((2 + rank, 3), float(rank))  # 2 rows on rank 0, 3 on rank 1
-        got = gdetkd.all_gather_rows(mine)
+        got = all_gather_rows(mine)
         assert got.shape == (5, 3) and got[:2].eq(0).all() and got[2:].eq(1).all(), got
         q = gdetkd.TeacherQueue(2)
         for shift in (0, 10, 20):
-            q.push(gdetkd.all_gather_rows(mine + shift))  # the caller pushes the gathered batch
+            q.push(all_gather_rows(mine + shift))  # the caller pushes the gathered batch
         keys = q.keys(mine)  # the last 2 iterations of both processes
         assert keys.shape == (10, 3) and float(keys.min()) == 10.0, keys
     finally:
