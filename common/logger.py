@@ -67,12 +67,13 @@ def detr_log_line(stats: dict) -> dict:
 class Logger:
     """Console line, ``log.txt`` and optional TensorBoard of one training run (see the top of
     this file). ``enabled`` (default: this is the main process) says whether this process prints
-    and writes; the running means are kept either way."""
+    and writes, ``console`` whether it prints; the running means are kept either way."""
 
     def __init__(self, output_dir=None, tensorboard=False, *, print_every=10, enabled=None,
-                 stream=None):
+                 console=True, stream=None):
         self.output_dir = output_dir
         self.enabled = is_main_process() if enabled is None else bool(enabled)
+        self.console = bool(console)
         self.print_every = max(1, int(print_every))
         self.stream = stream if stream is not None else sys.stdout
         self.writer = None
@@ -116,7 +117,7 @@ class Logger:
             return
         if self.writer is not None:
             self._tensorboard_iteration(step, values, weights)
-        if self.count % self.print_every == 0 or self.count == self.total:
+        if self.console and (self.count % self.print_every == 0 or self.count == self.total):
             self.stream.write(self.console_line() + "\n")
             self.stream.flush()
 
@@ -174,7 +175,7 @@ class Logger:
                 else:
                     self.writer.add_scalar(f"epoch/{k}", v, epoch)
             self.writer.flush()
-        if "test_AP" in stats:
+        if self.console and "test_AP" in stats:
             self.stream.write(f"epoch {epoch}: train loss {stats.get('train_loss', math.nan):.4f}, "
                               f"test AP {stats['test_AP']:.4f}, AP50 "
                               f"{stats.get('test_AP50', math.nan):.4f}\n")

@@ -83,6 +83,12 @@ def test_other_processes_keep_means_but_write_nothing(tmp_path):
     log.epoch(_epoch_stats(0, 0.2))
     assert log.means() == {"loss": 2.0, "lr": 0.1}
     assert out.getvalue() == "" and not (tmp_path / "log.txt").exists()
+    # the main process of a run without console output still writes log.txt
+    quiet = Logger(str(tmp_path), print_every=1, enabled=True, console=False, stream=out)
+    quiet.start_epoch(0, 1)
+    quiet.iteration(0, {"loss": 1.0}, {})
+    quiet.epoch(_epoch_stats(0, 0.2))
+    assert out.getvalue() == "" and (tmp_path / "log.txt").exists()
 
 
 def test_tensorboard_needs_an_output_folder():
