@@ -34,7 +34,6 @@ kill between the checkpoint and the log leaves a log one line short, which ``--r
 rewrites from the checkpoint. Temporary files of dead processes (``.NAME.tmp-PID``) are removed
 when the next run starts in the folder.
 """
-import datetime
 import json
 import os
 import random
@@ -59,6 +58,7 @@ from common import distributed
 from common.distributed import (DistInfo, all_gather_objects, barrier, init_distributed,
                                 reduce_mean)
 from common.evaluate import CocoEvaluator
+from common.logger import Logger, detr_log_line
 from common.pretrain import ensure_crop_pretrained
 
 # ------------------------------------------------------------------------------------------
@@ -168,31 +168,6 @@ def param_groups(module, lr, lr_backbone, lr_linear_proj_mult=0.1,
 # Training and evaluation
 # ------------------------------------------------------------------------------------------
 
-class SmoothedLog:
-    """Running means of named floats with a one-line progress print."""
-
-    def __init__(self, total, header, every, enabled):
-        self.sums, self.count, self.total = {}, 0, total
-        self.header, self.every, self.enabled = header, every, enabled
-        self.start = time.time()
-
-    def update(self, values):
-        self.count += 1
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-        if self.enabled and (self.count % self.every == 0 or self.count == self.total):
-            elapsed = time.time() - self.start
-            eta = elapsed / self.count * (self.total - self.count)
-            shown = " ".join(f"{k} {v / self.count:.4f}" for k, v in self.sums.items()
-                             if k == "loss" or k == "lr" or not k.startswith("loss_") or
-                             k.count("_") <= 1)
-            print(f"{self.header} [{self.count}/{self.total}] {shown} "
-                  f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
-
-    def means(self):
-        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
-
-
 def to_device(images, masks, targets, device):
     images = images.to(device, non_blocking=True).contiguous()  # NCHW, never channels-last
     masks = masks.to(device, non_blocking=True)
@@ -202,16 +177,19 @@ def to_device(images, masks, targets, device):
 
 
 def train_one_epoch(module, loader, optimizer, device, epoch, *, clip_max_norm=0.1, amp=False,
-                    print_every=10, max_iters=None, verbose=True):
+                    print_every=10, max_iters=None, verbose=True, logger=None):
     """One pass over ``loader``; returns the epoch means of the losses (averaged over
-    processes), the weighted total under "loss" and the learning rate under "lr"."""
+    processes), the weighted total under "loss", the weighted KD terms under "kd" and the
+    learning rate under "lr". ``logger`` (common.logger.Logger) prints the running means and
+    writes TensorBoard; by default a console-only one (printing when ``verbose``)."""
     module.train()
     teacher = getattr(unwrap(module), "teacher", None)
     if teacher is not None:
         teacher.eval()  # the frozen teacher never trains: no dropout, no denoising groups
     weight_dict = unwrap(module).weight_dict
     n = len(loader) if max_iters is None else min(len(loader), max_iters)
-    log = SmoothedLog(n, f"Epoch [{epoch}]", print_every, verbose)
+    log = logger or Logger(print_every=print_every, enabled=verbose)
+    log.start_epoch(epoch, n)
     iter_times, t_last = [], time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
     for it, (images, masks, targets) in enumerate(named_decode_errors(loader)):
@@ -249,8 +227,9 @@ def train_one_epoch(module, loader, optimizer, device, epoch, *, clip_max_norm=0
                                      f"{loss.item():.4g}; the lr is {lr:g}: the model diverged, "
                                      f"lower --lr")
         optimizer.step()
-        log.update({"loss": loss.item(), **{k: v.item() for k, v in losses.items()},
-                    "lr": optimizer.param_groups[0]["lr"]})
+        log.iteration(epoch * n + it, {"loss": loss.item(),
+                                       **{k: v.item() for k, v in losses.items()},
+                                       "lr": optimizer.param_groups[0]["lr"]}, weight_dict)
         now = time.perf_counter()
         iter_times.append(now - t_last)  # data loading included
         t_last = now
@@ -341,30 +320,36 @@ def fit(module, optimizer, lr_scheduler, train_loader, *, args, dist_info, evalu
               f"{dist_info.world_size} x {train_loader.batch_sampler.batch_size}", flush=True)
     log = [dict(line) for line in history]
     step_size = getattr(lr_scheduler, "step_size", 0)
+    logger = Logger(output_dir, tensorboard=getattr(args, "tensorboard", False),
+                    print_every=print_every, enabled=dist_info.is_main, console=verbose)
     stats = {}
-    for epoch in range(start_epoch, epochs):
-        t0 = time.time()
-        train_loader.set_epoch(epoch)
-        train_stats = train_one_epoch(module, train_loader, optimizer, dist_info.device, epoch,
-                                      clip_max_norm=clip_max_norm, amp=amp,
-                                      print_every=print_every, max_iters=max_iters,
-                                      verbose=verbose and dist_info.is_main)
-        lr_scheduler.step()
-        test_stats = evaluate_fn(unwrap(module).student) if evaluate_fn else None
-        stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                 **{f"test_{k}": v for k, v in (test_stats or {}).items()},
-                 "n_parameters": n_params, "epoch_time_s": round(time.time() - t0, 2)}
-        log.append(stats)
-        if output_dir:
-            rng = all_gather_objects(get_rng_state())  # every rank's stream, for exact resume
-            if dist_info.is_main:
-                keep = ((step_size and (epoch + 1) % step_size == 0) or
-                        (save_every and (epoch + 1) % save_every == 0))
-                save_epoch(output_dir, {
-                    **trainable_state(module), "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch,
-                    "args": dict(vars(args)) if args is not None else {}, "rng": rng,
-                    "log": log, **(meta or {})}, keep)
+    try:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.time()
+            train_loader.set_epoch(epoch)
+            train_stats = train_one_epoch(module, train_loader, optimizer, dist_info.device, epoch,
+                                          clip_max_norm=clip_max_norm, amp=amp,
+                                          print_every=print_every, max_iters=max_iters,
+                                          verbose=verbose and dist_info.is_main, logger=logger)
+            lr_scheduler.step()
+            test_stats = evaluate_fn(unwrap(module).student) if evaluate_fn else None
+            stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                     **{f"test_{k}": v for k, v in (test_stats or {}).items()},
+                     "n_parameters": n_params, "epoch_time_s": round(time.time() - t0, 2)}
+            log.append(detr_log_line(stats))       # + DETR's test_coco_eval_bbox list
+            logger.epoch(stats, write_log=False)   # log.txt is written from the checkpoint below
+            if output_dir:
+                rng = all_gather_objects(get_rng_state())  # every rank's stream, for exact resume
+                if dist_info.is_main:
+                    keep = ((step_size and (epoch + 1) % step_size == 0) or
+                            (save_every and (epoch + 1) % save_every == 0))
+                    save_epoch(output_dir, {
+                        **trainable_state(module), "optimizer": optimizer.state_dict(),
+                        "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch,
+                        "args": dict(vars(args)) if args is not None else {}, "rng": rng,
+                        "log": log, **(meta or {})}, keep)
+    finally:
+        logger.close()
     return stats
 
 

@@ -155,13 +155,14 @@ class Logger:
 
     # -- per epoch ----------------------------------------------------------------------------
 
-    def epoch(self, stats: dict) -> dict:
-        """Write the epoch's line (``stats`` plus DETR's keys) to log.txt and TensorBoard, print
-        its AP; returns the line written."""
+    def epoch(self, stats: dict, write_log=True) -> dict:
+        """Write the epoch's line (``stats`` plus DETR's keys) to log.txt (unless
+        ``write_log=False``: the training engine rewrites log.txt from the checkpoint) and
+        TensorBoard, print its AP; returns the line."""
         line = detr_log_line(stats)
         if not self.enabled:
             return line
-        if self.output_dir:
+        if self.output_dir and write_log:
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(line) + "\n")

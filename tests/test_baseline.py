@@ -49,6 +49,9 @@ def test_two_iterations_train_and_evaluate(trained):
             "test_AP", "test_AP50"} <= set(stats)
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert len(log) == 1 and log[0]["test_AP"] == stats["test_AP"]
+    # DETR's plot_logs reads the 12 COCOeval stats as one list, in COCOeval's order
+    order = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    assert log[0]["test_coco_eval_bbox"] == [stats[f"test_{k}"] for k in order]
     assert (out / "checkpoint.pth").is_file()
 
 
