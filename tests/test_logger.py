@@ -116,7 +116,8 @@ def test_tensorboard_scalars(tmp_path):
     tags = set(acc.Tags()["scalars"])
     for k in WEIGHTS:
         assert f"train/{k}" in tags and f"train_weighted/{k}" in tags and f"weight/{k}" in tags
-    assert {"train/loss", "train/lr", "train/kd", "test/AP", "test/AP50", "epoch/train_loss"} <= tags
+    assert {"train/loss", "train/lr", "train/kd", "test/AP", "test/AP50",
+            "epoch/train_loss"} <= tags
     lapd = acc.Scalars("train/loss_lapd")
     assert [e.step for e in lapd] == list(range(6))
     assert [e.value for e in lapd] == pytest.approx([_values(s)["loss_lapd"] for s in range(6)])
