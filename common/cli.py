@@ -208,7 +208,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     def _get_help_string(self, action):
         text = action.help or ""
         if "%(default)" in text or "default:" in text or action.default is argparse.SUPPRESS \
-                or not action.option_strings:
+                or not action.option_strings or action.required:
             return text
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return text + " (default: off)"  # a switch: given means on
