@@ -37,7 +37,7 @@ from common.transformer import (MLP, ConditionalDecoder, DecoderLayer, Deformabl
                                 DeformableTransformerEncoder, DETRDecoder, EncoderLayer,
                                 TransformerEncoder, encoder_proposals, prepare_cdn)
 
-__all__ = ["DETRConfig", "ConditionalDETRConfig", "DABDETRConfig", "DeformableDETRConfig",
+__all__ = ["split_levels", "DETRConfig", "ConditionalDETRConfig", "DABDETRConfig", "DeformableDETRConfig",
            "DINOConfig", "CONFIGS", "Encoded", "Proposals", "Queries", "Decoded", "DETRModel",
            "build_model"]
 
@@ -63,6 +63,20 @@ class Proposals:
     topk_memory: torch.Tensor   # (B,K,D)
 
 
+def split_levels(memory: torch.Tensor, spatial_shapes_list) -> List[torch.Tensor]:
+    """Encoder memory (B,S,D), tokens ordered level by level, -> per-level maps (B,D,H_l,W_l).
+    Flattening each back and concatenating gives the memory again."""
+    B, S, D = memory.shape
+    if S != sum(H * W for H, W in spatial_shapes_list):
+        raise ValueError(f"memory has {S} tokens but the spatial shapes {spatial_shapes_list} "
+                         f"cover {sum(H * W for H, W in spatial_shapes_list)}")
+    maps, start = [], 0
+    for H, W in spatial_shapes_list:
+        maps.append(memory[:, start:start + H * W].transpose(1, 2).reshape(B, D, H, W))
+        start += H * W
+    return maps
+
+
 @dataclass
 class Encoded:
     features: List[torch.Tensor]           # per level (B,D,H_l,W_l), after input_proj
@@ -77,6 +91,10 @@ class Encoded:
     level_start_index: torch.Tensor        # (L,) int64
     valid_ratios: torch.Tensor             # (B,L,2) (w,h) fraction not covered by padding
     proposals: Optional[Proposals] = None
+
+    def memory_levels(self) -> List[torch.Tensor]:
+        """The encoder memory cut back into its levels: per level (B,D,H_l,W_l)."""
+        return split_levels(self.memory, self.spatial_shapes_list)
 
     def image(self, b: int) -> "Encoded":
         """The encoding of image b alone (batch of one), e.g. to decode one image's own queries

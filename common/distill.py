@@ -233,6 +233,21 @@ def config_from_args(config_cls, args):
     return config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)})
 
 
+def teacher_layer_map(num_student: int, num_teacher: int, mode: str = "ceil"):
+    """The 0-based teacher decoder layer each student layer learns from. ``ceil``: student
+    layer i (1-based) -> teacher layer ceil(i L_T / L_S), monotonic, last -> last (DETRDistill's
+    rule, used by every method here); ``last``: the last L_S teacher layers. Both are l -> l
+    when the depths are equal."""
+    if mode == "ceil":
+        return [-(-(i + 1) * num_teacher // num_student) - 1 for i in range(num_student)]
+    if mode == "last":
+        if num_student > num_teacher:
+            raise ValueError(f"layer_map='last' needs no more student decoder layers "
+                             f"({num_student}) than teacher layers ({num_teacher}); use 'ceil'")
+        return list(range(num_teacher - num_student, num_teacher))
+    raise ValueError(f"layer_map must be 'ceil' or 'last', got {mode!r}")
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """The teacher: eval mode (no dropout, no denoising groups) and no gradients."""
     model.eval()

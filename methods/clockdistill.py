@@ -64,7 +64,6 @@ target-aware queries are.
     python methods/clockdistill.py --data coco --coco-path /data/coco --teacher t.pth \\
         --variant deformable_detr --with-box-refine --two-stage
 """
-import math
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -81,7 +80,7 @@ from common.box_ops import cxcywh_to_xyxy  # noqa: E402
 from common.criterion import build_criterion  # noqa: E402
 from common.data import collate  # noqa: E402
 from common.distributed import is_main_process, mean_over_processes  # noqa: E402
-from common.detr import Queries  # noqa: E402
+from common.detr import Queries, split_levels  # noqa: E402
 from common.transformer import MLP, inverse_sigmoid  # noqa: E402
 
 SUPPORTED = ("dab_detr", "deformable_detr", "dino", "conditional_detr")
@@ -146,18 +145,6 @@ class CLoCKConfig:
 # L_lcmd: location-and-context-aware memory distillation
 # ------------------------------------------------------------------------------------------
 
-def split_levels(memory, spatial_shapes_list):
-    """Encoder memory (B,S,D), tokens ordered level by level, -> list of per-level maps
-    (B,D,H_l,W_l) [fig]. Flattening each back and concatenating gives the memory again."""
-    B, S, D = memory.shape
-    if S != sum(H * W for H, W in spatial_shapes_list):
-        raise ValueError(f"memory has {S} tokens but the spatial shapes {spatial_shapes_list} "
-                         f"cover {sum(H * W for H, W in spatial_shapes_list)}")
-    maps, start = [], 0
-    for H, W in spatial_shapes_list:
-        maps.append(memory[:, start:start + H * W].transpose(1, 2).reshape(B, D, H, W))
-        start += H * W
-    return maps
 
 
 def level_masks(boxes, H, W, valid_h, valid_w, scale_mask=True):
@@ -333,10 +320,6 @@ def tcld_loss(logits_s, boxes_s, logits_t, boxes_t, valid=None, *, tau=10.0,
     return out
 
 
-def teacher_layers(num_student, num_teacher):
-    """Teacher layer distilled into each student layer [recon]: the same layer for equal depths,
-    else uniformly spread (student i <-> teacher ceil((i+1) L_T / L_S) - 1, last <-> last)."""
-    return [math.ceil((i + 1) * num_teacher / num_student) - 1 for i in range(num_student)]
 
 
 def reference_form(model):
@@ -458,7 +441,7 @@ class CLoCKDistiller(nn.Module):
                 self.weight_dict.update({f"loss_{k}_cls": lam * cfg.lambda_cls,
                                          f"loss_{k}_bbox": lam * cfg.lambda_l1,
                                          f"loss_{k}_giou": lam * cfg.lambda_giou})
-        self.layer_map = teacher_layers(s.cfg.dec_layers, t.cfg.dec_layers)
+        self.layer_map = distill.teacher_layer_map(s.cfg.dec_layers, t.cfg.dec_layers)
 
     def train(self, mode=True):
         """engine.train_one_epoch calls .train(): the teacher stays in eval mode (no dropout,

@@ -146,18 +146,6 @@ class DETRDistillConfig:
 # Helpers
 # ------------------------------------------------------------------------------------------
 
-def layer_mapping(num_student: int, num_teacher: int, mode: str = "ceil"):
-    """0-based teacher layer for each student layer. ``ceil``: student layer i (1-based)
-    -> teacher layer ceil(i L_T / L_S), monotonic, last -> last; ``last``: the last L_S layers.
-    Both are l -> l when L_S = L_T (the official is_layer_by_layer_distill)."""
-    if mode == "ceil":
-        return [-(-(i + 1) * num_teacher // num_student) - 1 for i in range(num_student)]
-    if mode == "last":
-        if num_student > num_teacher:
-            raise ValueError(f"layer_map='last' needs no more student decoder layers "
-                             f"({num_student}) than teacher layers ({num_teacher}); use 'ceil'")
-        return list(range(num_teacher - num_student, num_teacher))
-    raise ValueError(f"layer_map must be 'ceil' or 'last', got {mode!r}")
 
 
 def rerun_encoder(model, enc):
@@ -360,14 +348,7 @@ def tafd_loss_paper(hs, quality, t_feat, s_feat):
 def level_maps(enc, source):
     """Per-level feature maps (B,D,H,W): the input projections ("neck", A1 code reading) or the
     encoder memory (B,S,D) cut back into its levels ("encoder_memory", the paper's figure)."""
-    if source == "neck":
-        return list(enc.features)
-    B, _, D = enc.memory.shape
-    maps, start = [], 0
-    for h, w in enc.spatial_shapes_list:
-        maps.append(enc.memory[:, start:start + h * w].transpose(1, 2).reshape(B, D, h, w))
-        start += h * w
-    return maps
+    return list(enc.features) if source == "neck" else enc.memory_levels()
 
 
 # ------------------------------------------------------------------------------------------
@@ -429,7 +410,7 @@ class DETRDistill(nn.Module):
             raise ValueError(f"TAFD needs one feature level per level: teacher {tv} has "
                              f"{n_lv_t}, student {sv} has {n_lv_s} (or disable it: --no-tafd)")
         self.cfg, self.teacher, self.student = cfg, teacher, student
-        self.layer_map = layer_mapping(student.cfg.dec_layers, teacher.cfg.dec_layers,
+        self.layer_map = distill.teacher_layer_map(student.cfg.dec_layers, teacher.cfg.dec_layers,
                                        cfg.layer_map)
         self.criterion = build_criterion(student, num_classes)
         self.teacher_matcher = build_criterion(teacher, num_classes).matcher  # QPAD's assignment

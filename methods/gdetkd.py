@@ -198,11 +198,7 @@ def level_strides(model):
 def detr_pyramid(model, enc, source):
     """The level maps (B,D,H_l,W_l) of a DETR and their strides: the ``input_proj`` outputs, or
     the encoder memory (B,S,D) split back into its levels."""
-    if source == "input_proj":
-        return list(enc.features), level_strides(model)
-    maps, B, D = [], enc.memory.shape[0], enc.memory.shape[2]
-    for (h, w), start in zip(enc.spatial_shapes_list, enc.level_start_index.tolist()):
-        maps.append(enc.memory[:, start:start + h * w].transpose(1, 2).reshape(B, D, h, w))
+    maps = list(enc.features) if source == "input_proj" else enc.memory_levels()
     return maps, level_strides(model)
 
 

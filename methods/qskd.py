@@ -443,7 +443,7 @@ class QSKD(nn.Module):
         self.adapter = nn.Linear(d_s, d_t) if cfg.agfd and d_s != d_t else None
         L_t, L_s = teacher.cfg.dec_layers, student.cfg.dec_layers
         # student layer i (1-based) learns from teacher layer ceil(i * L_T / L_S) (DETRDistill)
-        self.layer_map = [math.ceil((i + 1) * L_t / L_s) - 1 for i in range(L_s)]
+        self.layer_map = distill.teacher_layer_map(L_s, L_t)
         self.weight_dict = dict(self.criterion.weight_dict)
         if cfg.agfd:
             self.weight_dict["loss_agfd"] = cfg.lambda_agfd

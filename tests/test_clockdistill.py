@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.join(ROOT, "methods"))
 import clockdistill as C  # noqa: E402
 from common import engine  # noqa: E402
 from common.checkpoint import read_checkpoint  # noqa: E402
-from common.detr import build_model  # noqa: E402
-from common.distill import freeze  # noqa: E402
+from common.detr import build_model, split_levels  # noqa: E402
+from common.distill import freeze, teacher_layer_map  # noqa: E402
 
 SMALL = dict(backbone="tiny", width=8, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
              dim_feedforward=64, num_queries=10, dropout=0.0)
@@ -138,12 +138,12 @@ def test_masks_match_cell_overlap_reference():
 def test_split_levels_roundtrip():
     shapes = [(3, 4), (2, 2), (1, 3)]
     mem = torch.randn(2, 12 + 4 + 3, 5)
-    maps = C.split_levels(mem, shapes)
+    maps = split_levels(mem, shapes)
     assert [tuple(m.shape) for m in maps] == [(2, 5, 3, 4), (2, 5, 2, 2), (2, 5, 1, 3)]
     assert torch.equal(torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1), mem)  # inv. 7
     assert torch.equal(maps[1][1, :, 1, 0], mem[1, 12 + 2])   # token start_l + i * W + j
     with pytest.raises(ValueError, match="tokens"):
-        C.split_levels(mem[:, :-1], shapes)
+        split_levels(mem[:, :-1], shapes)
 
 
 def _two_level_example():
@@ -314,9 +314,9 @@ def test_padded_slots_do_not_change_the_loss():
 
 
 def test_teacher_layer_map():
-    assert C.teacher_layers(6, 6) == list(range(6))
-    assert C.teacher_layers(3, 6) == [1, 3, 5]
-    assert C.teacher_layers(2, 3) == [1, 2]
+    assert teacher_layer_map(6, 6) == list(range(6))
+    assert teacher_layer_map(3, 6) == [1, 3, 5]
+    assert teacher_layer_map(2, 3) == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import detrdistill as dd  # noqa: E402
 from common import engine  # noqa: E402
 from common.checkpoint import read_checkpoint  # noqa: E402
 from common.detr import build_model  # noqa: E402
-from common.distill import freeze  # noqa: E402
+from common.distill import freeze, teacher_layer_map  # noqa: E402
 
 C = 5  # classes of the hand-built models
 
@@ -321,16 +321,16 @@ def test_layer_mapping():
     # invariant 23: ceil(i L_T / L_S) is monotonic, maps last to last; identity when equal
     for ls in range(1, 8):
         for lt in range(1, 8):
-            mp = dd.layer_mapping(ls, lt)
+            mp = teacher_layer_map(ls, lt)
             assert len(mp) == ls and mp[-1] == lt - 1 and mp == sorted(mp)
             assert all(0 <= x < lt for x in mp)
             assert mp == [math.ceil((i + 1) * lt / ls) - 1 for i in range(ls)]
-    assert dd.layer_mapping(6, 6) == list(range(6)) == dd.layer_mapping(6, 6, "last")
-    assert dd.layer_mapping(2, 3) == [1, 2] and dd.layer_mapping(3, 6, "last") == [3, 4, 5]
+    assert teacher_layer_map(6, 6) == list(range(6)) == teacher_layer_map(6, 6, "last")
+    assert teacher_layer_map(2, 3) == [1, 2] and teacher_layer_map(3, 6, "last") == [3, 4, 5]
     with pytest.raises(ValueError, match="layer_map='last'"):
-        dd.layer_mapping(4, 3, "last")
+        teacher_layer_map(4, 3, "last")
     with pytest.raises(ValueError, match="layer_map"):
-        dd.layer_mapping(2, 2, "first")
+        teacher_layer_map(2, 2, "first")
 
 
 # ------------------------------------------------------------------------------------------
