@@ -72,6 +72,28 @@ def test_losses_weighted_and_gradients_reach_the_student_only(name, tiny_teacher
         assert got, f"{name}: the student-side module {child} gets no gradient"
 
 
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_batches_with_images_without_boxes(name, tiny_teacher, tmp_path):
+    """A batch where one image has no ground truth, and one where no image has any: the losses
+    stay finite and the backward pass runs (a method must not divide by an empty count)."""
+    argv = ["--preset", "cpu-tiny", "--teacher", tiny_teacher.path, "--output-dir", str(tmp_path)]
+    distiller, run = build_distiller(name, argv + METHODS[name][3] + tiny_teacher.data)
+    images, masks, targets = collate([run.dataset_train[i] for i in range(2)])
+    assert all(len(t["labels"]) > 0 for t in targets)  # the emptiness below is ours
+
+    def emptied(t):
+        return {**t, "labels": t["labels"][:0], "boxes": t["boxes"][:0]}
+    distiller.train()
+    for batch in ([emptied(targets[0]), targets[1]], [emptied(t) for t in targets]):
+        distiller.zero_grad(set_to_none=True)
+        losses = distiller(images, masks, batch)
+        assert all(torch.isfinite(v).all() for v in losses.values()), (name, losses)
+        total = sum(losses[k] * w for k, w in distiller.weight_dict.items() if k in losses)
+        total.backward()
+        grads = [p.grad for p in distiller.student.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 @pytest.fixture(scope="module", params=sorted(METHODS))
 def script(request, tiny_teacher, tmp_path_factory):
     """One iteration of the method script, then --visualize of FIGURES validation images."""
