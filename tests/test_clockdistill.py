@@ -332,19 +332,25 @@ def _record_decode(model, seen):
     model.decode = decode
 
 
-@pytest.mark.parametrize("variant,extra,ref_dim", [("dab_detr", {}, 4), ("deformable_detr", {}, 2),
-                                                   ("deformable_detr", {"with_box_refine": True}, 4)])
-def test_target_queries_identical_frozen_and_on_the_gt(variant, extra, ref_dim):
-    t, s = _models(variant, extra)
-    d = C.CLoCKDistiller(C.CLoCKConfig(), t, s, NC)
-    assert d.builder_s is d.builder_t
+def _queries_decoded(d, t, s):
+    """Run the distiller on the test batch; the batch and the outside queries that the teacher
+    and the student decoded (the student's ordinary pass, with None, left out)."""
     images, masks, targets = _batch()
     seen_t, seen_s = [], []
     _record_decode(t, seen_t)
     _record_decode(s, seen_s)
     d.train()
     d(images, masks, targets)
-    seen_s = [q for q in seen_s if q is not None]  # the student's ordinary pass has None
+    return images, masks, targets, seen_t, [q for q in seen_s if q is not None]
+
+
+@pytest.mark.parametrize("variant,extra,ref_dim", [("dab_detr", {}, 4), ("deformable_detr", {}, 2),
+                                                   ("deformable_detr", {"with_box_refine": True}, 4)])
+def test_target_queries_identical_frozen_and_on_the_gt(variant, extra, ref_dim):
+    t, s = _models(variant, extra)
+    d = C.CLoCKDistiller(C.CLoCKConfig(), t, s, NC)
+    assert d.builder_s is d.builder_t
+    images, masks, targets, seen_t, seen_s = _queries_decoded(d, t, s)
     assert len(seen_t) == len(seen_s) == 2                                      # one per image
     for b, (qt, qs) in enumerate(zip(seen_t, seen_s)):
         for name in ("content", "pos", "reference"):                            # invariant 11
@@ -526,13 +532,7 @@ def test_reference_form_chosen_per_model():
     t, _ = _models("deformable_detr", {"with_box_refine": True})
     _, s = _models("deformable_detr")
     d = C.CLoCKDistiller(C.CLoCKConfig(), t, s, NC)
-    images, masks, targets = _batch()
-    seen_t, seen_s = [], []
-    _record_decode(t, seen_t)
-    _record_decode(s, seen_s)
-    d.train()
-    d(images, masks, targets)
-    seen_s = [q for q in seen_s if q is not None]
+    images, masks, targets, seen_t, seen_s = _queries_decoded(d, t, s)
     assert len(seen_t) == len(seen_s) == 2
     for b, (qt, qs) in enumerate(zip(seen_t, seen_s)):
         gt = targets[b]["boxes"]
