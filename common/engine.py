@@ -8,6 +8,12 @@ returns a dict of named, unweighted losses, with
     .student       the detector that is evaluated and deployed (for methods/baseline.py the
                    detector itself, for a distiller the student; a teacher is never saved)
 
+The job (the end of this file) is two calls: ``run = prepare(args)`` (threads, processes,
+seeds, the output folder, both data splits, the student, its evaluation) and
+``train(run, module)``. The loop above them is ``fit`` / ``train_one_epoch``; what a run
+prints and records per iteration and epoch (console, log.txt, TensorBoard) is
+common/logger.py's.
+
 Conventions kept from the DETR repositories: ``--output-dir`` holds ``checkpoint.pth`` (model,
 optimizer, lr_scheduler, epoch, args, RNG state) and ``log.txt`` (one JSON line per epoch);
 ``--resume PATH`` continues exactly where the checkpoint stopped; torchrun sets RANK /
