@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from common.criterion import build_postprocess
-from common.data import SYNTH_PRESETS, collate, make_transforms, synthetic_image
+from common.data import collate, make_transforms
+from common.synthetic import SYNTH_PRESETS, synthetic_image
 from common.detr import build_model
 from common.evaluate import results_to_coco
 
