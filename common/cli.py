@@ -27,6 +27,7 @@ from common import recipes
 from common.backbone import cached_imagenet_weights
 from common.data import add_data_args
 from common.detr import CONFIGS
+from common.distributed import is_main_process
 
 # Presets for the embedded data on a CPU (model size + training settings). They are starting
 # points sized for 2 CPU cores; bench/RESULTS.md records what they reach. "variant" is only the
@@ -256,10 +257,6 @@ def build_parser(doc):
 # Resolution: flags > recipe > preset > the variant's defaults
 # ------------------------------------------------------------------------------------------
 
-def _is_main():
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def explicit_flags(args):
     """The destinations given on the command line (``ArgumentParser`` records them); for a
     namespace built another way, every model and training setting that is not None."""
@@ -461,7 +458,7 @@ def announce_settings(args, extra=None):
     """Print the recipe line (which recipe, and that flags override it) and the resolved
     settings with their sources, on the main process. ``extra``: more (name, value, source)
     rows, e.g. the method's loss weights."""
-    if not _is_main():
+    if not is_main_process():
         return
     if args.recipe:
         r = recipes.RECIPES[args.recipe]

@@ -29,13 +29,13 @@ PostProcess turns the last layer's predictions into COCO-style detections.
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from common.box_ops import cxcywh_to_xyxy, scale_boxes
 from common.config import CONFIGS, variant_of
+from common.distributed import mean_over_processes
 from common.matcher import HungarianMatcher, _check_outputs, _check_targets
 
 __all__ = ["SetCriterion", "PostProcess", "build_criterion",
@@ -49,10 +49,7 @@ def num_boxes_across_processes(targets, device) -> torch.Tensor:
     clamped at 1. Kept as a 0-d tensor (no host sync); all_reduce only when torch.distributed
     is initialised."""
     n = torch.tensor(float(sum(int(t["labels"].shape[0]) for t in targets)), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        n = n / dist.get_world_size()
-    return n.clamp(min=1.0)
+    return mean_over_processes(n).clamp(min=1.0)
 
 
 class SetCriterion(nn.Module):

@@ -22,9 +22,10 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from common.distributed import all_gather_objects, is_main_process
 
 __all__ = ["CocoEvaluator", "results_to_coco", "coco_evaluate", "per_class_ap",
            "format_per_class", "STAT_NAMES"]
@@ -165,10 +166,9 @@ class CocoEvaluator:
 
     def _gathered(self):
         """{image id: detections} over all processes; an image seen by several keeps the first copy."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        parts = all_gather_objects(self.detections)
+        if len(parts) == 1:
             return self.detections
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self.detections)
         merged = {}
         for part in parts:
             for image_id, dets in part.items():
@@ -180,7 +180,7 @@ class CocoEvaluator:
         "ARs", "ARm", "ARl"}. ``verbose`` (default: on the main process) prints pycocotools' table."""
         per_image = self._gathered()
         if verbose is None:
-            verbose = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+            verbose = is_main_process()
         detections = [d for image_id in sorted(per_image) for d in per_image[image_id]]
         stats, self.coco_eval = coco_evaluate(self.coco_gt, detections, per_image.keys(), verbose=verbose)
         return stats
@@ -213,7 +213,7 @@ class CocoEvaluator:
         number of detections."""
         per_image = self._gathered()
         detections = [d for image_id in sorted(per_image) for d in per_image[image_id]]
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        if is_main_process():
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             tmp = f"{path}.tmp"
             with open(tmp, "w") as f:
