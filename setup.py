@@ -2,9 +2,13 @@
 
     python setup.py build_ext --inplace
 
-CPU kernels are always built. CUDA kernels are added whenever a CUDA toolkit (nvcc) and a
-CUDA-enabled torch are present, for sm_80 and sm_90 (plus PTX for newer GPUs). Environment:
+CPU kernels are always built. CUDA kernels are added when a GPU is visible and a CUDA toolkit
+(nvcc) and a CUDA-enabled torch are present, for sm_80 and sm_90 (plus PTX for newer GPUs); on a
+machine without a GPU the build skips them (a few minutes less), unless told otherwise
+(the convention of detectron2's FORCE_CUDA). Environment:
 
+    DETRKD_FORCE_CUDA=1         build the CUDA kernels even when no GPU is visible (a login node
+                                that builds for GPU nodes, or CI that checks the CUDA sources)
     DETRKD_NO_CUDA=1            build the CPU kernels only
     DETRKD_CUDA_ARCH="90"       override the CUDA architectures (semicolon-separated, e.g. "80;90")
     DETRKD_PORTABLE=1           do not compile the CPU kernels for the build machine's own
@@ -57,7 +61,12 @@ def cuda_wanted():
         return False, "torch was built without CUDA"
     if CUDA_HOME is None:
         return False, "no CUDA toolkit found (CUDA_HOME / nvcc)"
-    return True, f"CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}"
+    forced = os.environ.get("DETRKD_FORCE_CUDA", "0") not in ("", "0")
+    if not forced and not torch.cuda.is_available():
+        return False, ("no GPU visible; DETRKD_FORCE_CUDA=1 builds them anyway with the "
+                       f"toolkit at {CUDA_HOME}")
+    return True, f"CUDA {torch.version.cuda}, toolkit at {CUDA_HOME}" + (
+        " (DETRKD_FORCE_CUDA)" if forced else "")
 
 
 def gencode_flags():
@@ -124,7 +133,7 @@ def build_ext_class():
         def build_extensions(self):
             if VERBOSE:
                 return super().build_extensions()
-            print("[detrkd] compiling (a few minutes with the CUDA kernels; "
+            print("[detrkd] compiling (a few minutes; more with the CUDA kernels; "
                   "DETRKD_VERBOSE_BUILD=1 shows the compiler output)", flush=True)
             start = time.time()
             with tempfile.TemporaryFile() as log:
