@@ -20,6 +20,7 @@ whose COCO class slots are mapped to the data set's categories. On real data the
 required, and a recipe (common/recipes.py) refuses a teacher of another family than its own.
 """
 import argparse
+import atexit
 import hashlib
 import json
 import os
@@ -57,7 +58,10 @@ def build_parser(doc, default_preset="cpu-student"):
                    help="preset of the teacher trained when --teacher is not given")
     g.add_argument("--baseline", action="store_true",
                    help="also train (or reuse the cached) baseline student: the same student, "
-                        "seed and schedule without distillation, shown beside the result")
+                        "seed and schedule without distillation, shown beside the result. It "
+                        "trains beside the distillation, in its own process on 1 CPU thread "
+                        "(its output in the cache folder's stdout.txt); on a machine with few "
+                        "cores give the distillation the rest (e.g. --threads 1 on 2 cores)")
     g.add_argument("--teacher-variant", dest="teacher_variant", default=None,
                    choices=sorted(CONFIGS),
                    help="--teacher is an official checkpoint (DETR, Conditional DETR, DAB-DETR, "
@@ -267,7 +271,7 @@ def load_teacher(args, run):
     check_teacher_fits_recipe(args, teacher.variant)
     teacher.path = path
     if args.baseline and not args.eval and run.info.is_main:
-        ensure_baseline(args)  # the same student without distillation, for the summary
+        start_baseline(args)  # the same student without distillation, for the summary
     return teacher
 
 
@@ -398,16 +402,12 @@ def baseline_cache_path(args):
     return os.path.join(root, "baselines", f"{args.variant}-{digest[:12]}", "checkpoint.pth")
 
 
-def ensure_baseline(args):
-    """Train the baseline student with methods/baseline.py (same flags, no distillation) unless
-    it is cached; returns its checkpoint path."""
-    path = baseline_cache_path(args)
-    if os.path.isfile(path):
-        return path
-    folder = os.path.dirname(path)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    work = tempfile.mkdtemp(prefix=".training-", dir=os.path.dirname(folder))
-    cmd = [sys.executable, BASELINE, "--variant", args.variant, "--output-dir", work]
+_BASELINE_JOB = {}  # the baseline student training beside this process: path -> (process, folders)
+
+
+def _baseline_command(args, output_dir, threads):
+    """methods/baseline.py with this run's student, schedule, seed and data flags."""
+    cmd = [sys.executable, BASELINE, "--variant", args.variant, "--output-dir", output_dir]
     for name, value in args.model_overrides.items():
         flag = "--" + name.replace("_", "-")
         cmd += ([flag] if value is True else [f"--no-{flag[2:]}"] if value is False
@@ -415,16 +415,55 @@ def ensure_baseline(args):
     for name in ("epochs", "lr", "lr_backbone", "lr_drop", "weight_decay", "clip_max_norm",
                  "batch_size", "seed", "synth", "synth_seed", "synth_num_train",
                  "synth_num_val", "image_size", "max_size", "max_iters", "data_cache",
-                 "device", "num_workers", "threads"):
+                 "device", "num_workers"):
         value = getattr(args, name, None)
         if value is not None:
             cmd += ["--" + name.replace("_", "-"), str(value)]
-    print(f"baseline student: none cached; training it with {' '.join(cmd[1:])}", flush=True)
-    try:
-        subprocess.run(cmd, check=True)
-        os.replace(work, folder)
-    finally:
+    return cmd + ["--threads", str(threads)]
+
+
+def start_baseline(args):
+    """Start training the baseline student with methods/baseline.py (same flags, no
+    distillation, 1 CPU thread) in a process beside this one, unless it is cached;
+    ``wait_for_baseline`` collects it. Returns the checkpoint path it will have."""
+    path = baseline_cache_path(args)
+    if os.path.isfile(path) or path in _BASELINE_JOB:
+        return path
+    folder = os.path.dirname(path)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    work = tempfile.mkdtemp(prefix=".training-", dir=os.path.dirname(folder))
+    cmd = _baseline_command(args, work, threads=1)
+    out = os.path.join(work, "stdout.txt")
+    print(f"baseline student: none cached; training it beside the distillation (1 thread, "
+          f"output in {out}): {' '.join(cmd[1:])}", flush=True)
+    with open(out, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    _BASELINE_JOB[path] = (proc, work, folder)
+    atexit.register(_stop_baseline, proc, work)  # a distillation that stops early stops it too
+    return path
+
+
+def _stop_baseline(proc, work):
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def wait_for_baseline(args):
+    """Wait for the baseline student started by ``start_baseline`` and move it into the cache;
+    returns its checkpoint path, or None when it failed (its output is named)."""
+    path = baseline_cache_path(args)
+    if path not in _BASELINE_JOB:
+        return path if os.path.isfile(path) else None
+    proc, work, folder = _BASELINE_JOB.pop(path)
+    if proc.poll() is None:
+        print("baseline student: waiting for it to finish ...", flush=True)
+    if proc.wait() != 0:
+        print(f"baseline student: training failed (exit {proc.returncode}); its output is in "
+              f"{os.path.join(work, 'stdout.txt')}", flush=True)
+        return None
+    os.replace(work, folder)
     return path
 
 
@@ -470,8 +509,8 @@ def print_summary(args, run, teacher, student_stats):
     if not is_main_process():
         return
     rows = [("teacher", t_stats.get("AP"), t_stats.get("AP50"))]
-    baseline = baseline_cache_path(args)
-    if args.data == "synthetic" and os.path.isfile(baseline):
+    baseline = wait_for_baseline(args) if args.data == "synthetic" else None
+    if baseline is not None:
         last = last_log_line(baseline) or {}
         rows.append(("baseline student", last.get("test_AP"), last.get("test_AP50")))
     rows.append(("distilled student", student_stats.get("test_AP"),

@@ -236,3 +236,37 @@ def test_load_teacher_hands_the_data_sets_ids_to_an_official_teacher(tmp_path):
     assert run.num_classes == 10 and teacher.num_classes == 10
     assert not any(p.requires_grad for p in teacher.parameters())
     assert torch.equal(teacher.class_embed[2].weight, official["class_embed.2.weight"][1:11])
+
+
+def test_baseline_trains_beside_and_equals_a_direct_baseline_run(tmp_path):
+    """--baseline: methods/baseline.py runs in its own process while the distillation trains;
+    the student it caches is the one baseline.py trains by hand with the same flags and 1
+    thread, and a cached baseline is not trained again."""
+    args = _args(tmp_path, "--seed", "3")
+    path = distill.start_baseline(args)
+    assert not os.path.exists(path)          # still training, beside this process
+    assert distill.start_baseline(args) == path  # not started twice
+    assert distill.wait_for_baseline(args) == path and os.path.isfile(path)
+    assert distill.wait_for_baseline(args) == path  # cached from now on
+
+    by_hand = tmp_path / "by-hand"
+    subprocess.run(distill._baseline_command(args, str(by_hand), threads=1), check=True,
+                   capture_output=True)
+    ours, ref = torch.load(path, weights_only=False), torch.load(
+        by_hand / "checkpoint.pth", weights_only=False)
+    assert ours["model"].keys() == ref["model"].keys()
+    for k, v in ref["model"].items():
+        assert torch.equal(ours["model"][k], v), k
+    cmd = distill._baseline_command(args, "OUT", threads=1)
+    for flag, value in (("--seed", "3"), ("--max-iters", "1"), ("--threads", "1"),
+                        ("--synth-num-train", "8")):
+        assert cmd[cmd.index(flag) + 1] == value
+
+
+def test_a_failed_baseline_is_named_and_not_cached(tmp_path, capsys):
+    args = _args(tmp_path, "--seed", "4")
+    args.batch_size = -1                     # baseline.py refuses it
+    path = distill.start_baseline(args)
+    assert distill.wait_for_baseline(args) is None and not os.path.exists(path)
+    out = capsys.readouterr().out
+    assert "baseline student: training failed" in out and "stdout.txt" in out
