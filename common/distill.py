@@ -18,6 +18,9 @@ project or an official one (``--teacher-variant``: built from the training args 
 stores; ``--teacher-arg`` for what they do not say; see ``common.checkpoint.load_detector``),
 whose COCO class slots are mapped to the data set's categories. On real data the teacher is
 required, and a recipe (common/recipes.py) refuses a teacher of another family than its own.
+A distiller's constructor declares the pairs it takes with ``check_pair`` (one family, the
+supported variants, the same classes, class loss, feature levels, stride), which refuses the
+others naming both variants and the rule.
 """
 import argparse
 import atexit
@@ -250,6 +253,54 @@ def teacher_layer_map(num_student: int, num_teacher: int, mode: str = "ceil"):
                              f"({num_student}) than teacher layers ({num_teacher}); use 'ceil'")
         return list(range(num_teacher - num_student, num_teacher))
     raise ValueError(f"layer_map must be 'ceil' or 'last', got {mode!r}")
+
+
+def check_pair(method, teacher, student, *, supported, supported_reason=None,
+               same_variant=True, same_classes=True, same_class_loss=True,
+               same_levels=None, same_stride=None):
+    """Refuse a teacher/student pair ``method`` cannot distil, with a ValueError naming both
+    variants and the rule broken. Each rule is off (False/None), on (True), or on with its
+    reason (a str, shown in the message):
+
+    supported        both variants are among these (``supported_reason``: why not the others)
+    same_variant     one DETR family
+    same_classes     the same number of classes
+    same_class_loss  the same class loss (softmax or focal)
+    same_levels      the same num_feature_levels (1 for single-scale models)
+    same_stride      single-scale models: the same backbone stride (dilation, DC5)
+
+    The rules are checked in this order: family, support, classes, class loss, levels, stride."""
+    def why(rule):
+        return f" ({rule})" if isinstance(rule, str) else ""
+
+    tv, sv = teacher.variant, student.variant
+    pair = f"teacher {tv} -> student {sv}"
+    if same_variant and tv != sv:
+        raise ValueError(f"{method} needs teacher and student of the same DETR "
+                         f"family{why(same_variant)}; got {pair}")
+    unsupported = [v for v in dict.fromkeys((tv, sv)) if v not in supported]
+    if unsupported:
+        raise ValueError(f"{method} does not support {pair}{why(supported_reason)}: "
+                         f"{'the family' if same_variant else 'both'} must be one of "
+                         f"{', '.join(supported)}, not {', '.join(unsupported)}")
+    if same_classes and teacher.num_classes != student.num_classes:
+        raise ValueError(f"{method} needs teacher and student of the same classes"
+                         f"{why(same_classes)}: teacher {tv} has {teacher.num_classes} classes, "
+                         f"student {sv} has {student.num_classes}")
+    if same_class_loss and teacher.cfg.class_loss != student.cfg.class_loss:
+        raise ValueError(f"{method} needs teacher and student of the same class loss"
+                         f"{why(same_class_loss)}: teacher {tv} uses {teacher.cfg.class_loss}, "
+                         f"student {sv} uses {student.cfg.class_loss}")
+    lv_t, lv_s = (getattr(m.cfg, "num_feature_levels", 1) for m in (teacher, student))
+    if same_levels and lv_t != lv_s:
+        raise ValueError(f"{method} needs teacher and student of the same num_feature_levels"
+                         f"{why(same_levels)}: teacher {tv} has {lv_t}, student {sv} has {lv_s}")
+    single_scale = not any(hasattr(m.cfg, "num_feature_levels") for m in (teacher, student))
+    if same_stride and single_scale and teacher.cfg.dilation != student.cfg.dilation:
+        raise ValueError(f"{method} needs teacher and student of the same stride"
+                         f"{why(same_stride)}: teacher {tv} has dilation={teacher.cfg.dilation}, "
+                         f"student {sv} has dilation={student.cfg.dilation} (DC5 halves the "
+                         f"stride)")
 
 
 def freeze(model: nn.Module) -> nn.Module:

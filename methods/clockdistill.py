@@ -391,21 +391,10 @@ class CLoCKDistiller(nn.Module):
         super().__init__()
         self.cfg, self.teacher, self.student = cfg, teacher, student
         t, s = teacher, student
+        distill.check_pair("CLoCKDistill", t, s, supported=SUPPORTED,
+                           same_levels="L_lcmd compares memories level by level",
+                           same_stride="L_lcmd compares memories cell by cell")
         pair = f"teacher {_describe(t)}, student {_describe(s)}"
-        if s.variant not in SUPPORTED or t.variant != s.variant:
-            raise ValueError(f"CLoCKDistill needs a teacher and a student of the same DETR family "
-                             f"among {SUPPORTED}; got {pair}")
-        if t.num_classes != s.num_classes or t.cfg.class_loss != s.cfg.class_loss:
-            raise ValueError(f"teacher and student must share the classes and the class loss; "
-                             f"got {pair}")
-        if s.variant in ("deformable_detr", "dino"):
-            if t.cfg.num_feature_levels != s.cfg.num_feature_levels:
-                raise ValueError(f"L_lcmd compares memories level by level: both need the same "
-                                 f"num_feature_levels; got {t.cfg.num_feature_levels} (teacher) "
-                                 f"and {s.cfg.num_feature_levels} (student)")
-        elif t.cfg.dilation != s.cfg.dilation:
-            raise ValueError(f"L_lcmd compares memories cell by cell: teacher and student need "
-                             f"the same stride (dilation {t.cfg.dilation} vs {s.cfg.dilation})")
         Dt, Ds = t.hidden_dim, s.hidden_dim
         if cfg.query_builder == "prototype" and s.variant not in ("deformable_detr",
                                                                    "conditional_detr"):

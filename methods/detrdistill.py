@@ -388,27 +388,22 @@ class DETRDistill(nn.Module):
 
     def __init__(self, cfg: DETRDistillConfig, teacher, student, num_classes):
         super().__init__()
-        tv, sv = teacher.variant, student.variant
-        if tv != sv:
-            raise ValueError(f"DETRDistill needs teacher and student of one DETR family (QPAD "
-                             f"feeds the teacher's queries to the student decoder); got teacher "
-                             f"{tv} and student {sv}")
-        if sv not in SUPPORTED:
-            raise ValueError(f"DETRDistill does not support teacher {tv} -> student {sv}: HMLD "
-                             f"distils sigmoid class probabilities; supported: {SUPPORTED}")
-        if teacher.num_classes != student.num_classes or student.num_classes != num_classes:
-            raise ValueError(f"teacher ({teacher.num_classes}) and student "
-                             f"({student.num_classes}) must have {num_classes} classes")
+        distill.check_pair(
+            "DETRDistill", teacher, student, supported=SUPPORTED,
+            supported_reason="HMLD distils sigmoid class probabilities",
+            same_variant="QPAD feeds the teacher's queries to the student decoder",
+            same_class_loss=False,
+            same_levels=cfg.use_tafd and "TAFD distils features level by level; or turn it "
+                                         "off: --no-tafd")
+        if student.num_classes != num_classes:
+            raise ValueError(f"the student has {student.num_classes} classes, the data set "
+                             f"{num_classes}")
         if cfg.feature_source not in ("neck", "encoder_memory"):
             raise ValueError(f"feature_source must be 'neck' or 'encoder_memory', got "
                              f"{cfg.feature_source!r}")
         if cfg.use_tafd and cfg.tafd_topk < 1:
             raise ValueError(f"tafd_topk must be >= 1, got {cfg.tafd_topk}")
-        n_lv_t = getattr(teacher.cfg, "num_feature_levels", 1)
         n_lv_s = getattr(student.cfg, "num_feature_levels", 1)
-        if cfg.use_tafd and n_lv_t != n_lv_s:
-            raise ValueError(f"TAFD needs one feature level per level: teacher {tv} has "
-                             f"{n_lv_t}, student {sv} has {n_lv_s} (or disable it: --no-tafd)")
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.layer_map = distill.teacher_layer_map(student.cfg.dec_layers, teacher.cfg.dec_layers,
                                        cfg.layer_map)

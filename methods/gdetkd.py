@@ -400,17 +400,16 @@ class GDetKD(nn.Module):
         super().__init__()
         if teacher is None:
             raise ValueError("G-DetKD needs a teacher (--teacher PATH)")
-        tv, sv = teacher.variant, student.variant
-        if tv not in SUPPORTED or sv not in SUPPORTED:
-            raise ValueError(f"G-DetKD does not support teacher {tv} -> student {sv}: both must "
-                             f"be one of {', '.join(SUPPORTED)} (plain DETR has no reference "
-                             f"boxes for the RoI queries)")
+        distill.check_pair("G-DetKD", teacher, student, supported=SUPPORTED,
+                           supported_reason="plain DETR has no reference boxes for the RoI "
+                                            "queries",
+                           same_variant=False, same_classes=False, same_class_loss=False)
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.criterion = build_criterion(student, num_classes)
         self.weight_dict = dict(self.criterion.weight_dict)
         C_T = teacher.hidden_dim
         if cfg.sgfi:
-            if sv in MULTI_SCALE or cfg.student_pyramid == "native":
+            if student.variant in MULTI_SCALE or cfg.student_pyramid == "native":
                 chans = [student.hidden_dim] * (len(level_strides(student)))
             else:
                 chans = backbone_stage_channels(student)

@@ -409,32 +409,14 @@ def lapd_loss(z_s, b_s, z_t, b_t, cfg: QSKDConfig):
 # The distiller
 # ------------------------------------------------------------------------------------------
 
-def check_pair(teacher, student):
-    """Refuse teacher/student pairs QSKD cannot distil, naming both variants."""
-    pair = f"teacher {teacher.variant}, student {student.variant}"
-    if teacher.variant != student.variant:
-        raise ValueError(f"QSKD needs teacher and student of the same DETR family ({pair})")
-    if student.variant not in SUPPORTED:
-        raise ValueError(f"QSKD supports {', '.join(SUPPORTED)}; not {student.variant} ({pair})")
-    if teacher.cfg.class_loss != student.cfg.class_loss:
-        raise ValueError(f"teacher and student class losses differ ({pair}: "
-                         f"{teacher.cfg.class_loss} vs {student.cfg.class_loss})")
-    if teacher.num_classes != student.num_classes:
-        raise ValueError(f"teacher has {teacher.num_classes} classes, student "
-                         f"{student.num_classes} ({pair})")
-    lv_t, lv_s = (getattr(m.cfg, "num_feature_levels", 1) for m in (teacher, student))
-    if lv_t != lv_s:
-        raise ValueError(f"AGFD imitates features level by level: teacher has {lv_t} feature "
-                         f"levels, student {lv_s} ({pair})")
-
-
 class QSKD(nn.Module):
     """Teacher (frozen) + student + the AGFD adapter; ``forward`` returns the student's DETR
     losses and "loss_agfd", "loss_lapd" (last layer), "loss_lapd_{i}" (earlier layers)."""
 
     def __init__(self, cfg: QSKDConfig, teacher, student, num_classes):
         super().__init__()
-        check_pair(teacher, student)
+        distill.check_pair("QSKD", teacher, student, supported=SUPPORTED,
+                           same_levels="AGFD imitates features level by level")
         self.cfg, self.teacher, self.student = cfg, teacher, student
         self.criterion = build_criterion(student, num_classes)          # L_det and its matcher
         self.teacher_matcher = build_criterion(teacher, num_classes).matcher

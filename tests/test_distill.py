@@ -1,6 +1,8 @@
 """common/distill.py: the teacher a method script gets (cached on the embedded data, loaded
-from a checkpoint of ours or an official one, frozen) and the baseline student beside it."""
+from a checkpoint of ours or an official one, frozen), the baseline student beside it, and the
+teacher/student pair rules of check_pair."""
 import argparse
+import functools
 import os
 import subprocess
 
@@ -10,6 +12,7 @@ import torch
 from common import distill, engine
 from common.checkpoint import ours_to_official
 from common.checkpoint import load_detector, save_checkpoint
+from common.detr import build_model
 from test_checkpoint import SMALL, images, tiny  # tiny random models, official layouts
 
 
@@ -87,6 +90,91 @@ def test_config_flags_follow_the_dataclass():
     with pytest.raises(SystemExit):
         parser.parse_args(["--mode", "z"])
     assert "from the metadata" in parser.format_help()
+
+
+# ------------------------------------------------------------------------------------------
+# check_pair: the teacher/student rules each method declares
+# ------------------------------------------------------------------------------------------
+
+PAIR_TINY = dict(backbone="tiny", width=8, hidden_dim=16, nheads=4, enc_layers=1, dec_layers=1,
+                 dim_feedforward=16, num_queries=4, dropout=0.0)
+PAIR_MODELS = {  # name -> (variant, num_classes, overrides)
+    "detr": ("detr", 4, {}), "conditional_detr": ("conditional_detr", 4, {}),
+    "dab_detr": ("dab_detr", 4, {}), "dino": ("dino", 4, dict(num_feature_levels=3)),
+    "deformable_detr": ("deformable_detr", 4, dict(num_feature_levels=3)),
+    "deformable_detr_4lv": ("deformable_detr", 4, dict(num_feature_levels=4)),
+    "conditional_detr_5cls": ("conditional_detr", 5, {}),
+    "conditional_detr_softmax": ("conditional_detr", 4, dict(class_loss="softmax")),
+    # DC5 needs a Bottleneck ResNet: the one model here with a real backbone
+    "conditional_detr_dc5": ("conditional_detr", 4, dict(backbone="resnet50", dilation=True)),
+}
+FOUR = ("conditional_detr", "dab_detr", "deformable_detr", "dino")
+LEVELS = dict(supported=FOUR, same_levels="compared level by level")
+
+
+@functools.lru_cache(maxsize=None)
+def pair_model(name):
+    variant, num_classes, overrides = PAIR_MODELS[name]
+    return build_model(variant, num_classes, **{**PAIR_TINY, **overrides})
+
+
+PAIR_CASES = [  # teacher, student, the rules, the refusal (a regex) or None: accepted
+    ("deformable_detr", "deformable_detr", LEVELS, None),
+    ("dab_detr", "dab_detr", dict(supported=FOUR), None),
+    # one family: named first, even when a variant is also unsupported
+    ("conditional_detr", "dab_detr", dict(supported=FOUR),
+     r"^M needs teacher and student of the same DETR family; got teacher conditional_detr -> "
+     r"student dab_detr$"),
+    ("detr", "dino", dict(supported=FOUR, same_variant="queries are shared"),
+     r"same DETR family \(queries are shared\); got teacher detr -> student dino$"),
+    # supported variants
+    ("detr", "detr", dict(supported=FOUR, supported_reason="sigmoid classes"),
+     r"^M does not support teacher detr -> student detr \(sigmoid classes\): the family must be "
+     r"one of conditional_detr, dab_detr, deformable_detr, dino, not detr$"),
+    ("dino", "dino", dict(supported=FOUR[:3]), r"student dino: the family .*, not dino$"),
+    ("detr", "deformable_detr", dict(supported=FOUR, same_variant=False),
+     r"^M does not support teacher detr -> student deformable_detr: both must be one of .*, "
+     r"not detr$"),
+    ("deformable_detr", "detr", dict(supported=FOUR, same_variant=False),
+     r"teacher deformable_detr -> student detr: both .*, not detr$"),
+    ("deformable_detr", "dab_detr", dict(supported=FOUR, same_variant=False, same_classes=False,
+                                         same_class_loss=False), None),
+    # classes and class loss
+    ("conditional_detr", "conditional_detr_5cls", dict(supported=FOUR),
+     r"^M needs teacher and student of the same classes: teacher conditional_detr has 4 "
+     r"classes, student conditional_detr has 5$"),
+    ("conditional_detr", "conditional_detr_5cls", dict(supported=FOUR, same_classes=False), None),
+    ("conditional_detr", "conditional_detr_softmax", dict(supported=FOUR),
+     r"^M needs teacher and student of the same class loss: teacher conditional_detr uses "
+     r"focal, student conditional_detr uses softmax$"),
+    ("conditional_detr", "conditional_detr_softmax", dict(supported=FOUR, same_class_loss=False),
+     None),
+    # feature levels: only when asked for
+    ("deformable_detr_4lv", "deformable_detr", LEVELS,
+     r"^M needs teacher and student of the same num_feature_levels \(compared level by "
+     r"level\): teacher deformable_detr has 4, student deformable_detr has 3$"),
+    ("deformable_detr", "deformable_detr_4lv", dict(supported=FOUR, same_levels=True),
+     r"num_feature_levels: teacher deformable_detr has 3, student deformable_detr has 4$"),
+    ("deformable_detr_4lv", "deformable_detr", dict(supported=FOUR, same_levels=False), None),
+    ("conditional_detr", "conditional_detr", LEVELS, None),  # single-scale: 1 level each
+    # stride: only when asked for
+    ("conditional_detr_dc5", "conditional_detr", dict(supported=FOUR, same_stride="cell by cell"),
+     r"^M needs teacher and student of the same stride \(cell by cell\): teacher "
+     r"conditional_detr has dilation=True, student conditional_detr has dilation=False"),
+    ("conditional_detr_dc5", "conditional_detr", dict(supported=FOUR), None),
+]
+
+
+@pytest.mark.parametrize("teacher, student, rules, refusal", PAIR_CASES,
+                         ids=[f"{t}-{s}-{'refused' if r else 'accepted'}"
+                              for t, s, _, r in PAIR_CASES])
+def test_check_pair_refuses_by_rule(teacher, student, rules, refusal):
+    t, s = pair_model(teacher), pair_model(student)
+    if refusal is None:
+        distill.check_pair("M", t, s, **rules)
+    else:
+        with pytest.raises(ValueError, match=refusal):
+            distill.check_pair("M", t, s, **rules)
 
 
 # ------------------------------------------------------------------------------------------

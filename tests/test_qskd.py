@@ -540,7 +540,7 @@ def test_script_one_iteration(script_run):
 
 def test_script_refuses_unsupported_pair(script_run):
     tmp, data, _, _, teacher = script_run
-    with pytest.raises(ValueError, match="teacher deformable_detr, student dino"):
+    with pytest.raises(ValueError, match="same DETR family; got teacher deformable_detr -> student dino"):
         qskd.main(["--preset", "cpu-tiny", "--variant", "dino", "--teacher", teacher] + data)
 
 
