@@ -392,7 +392,7 @@ class DETRDistill(nn.Module):
             "DETRDistill", teacher, student, supported=SUPPORTED,
             supported_reason="HMLD distils sigmoid class probabilities",
             same_variant="QPAD feeds the teacher's queries to the student decoder",
-            same_class_loss=False,
+            same_class_loss="HMLD and TAFD read both models' logits as sigmoid probabilities",
             same_levels=cfg.use_tafd and "TAFD distils features level by level; or turn it "
                                          "off: --no-tafd")
         if student.num_classes != num_classes:

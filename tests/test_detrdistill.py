@@ -529,6 +529,10 @@ def test_unsupported_pairs_fail_clearly():
         dd.DETRDistill(dd.DETRDistillConfig(), freeze(tiny(num_feature_levels=4)), tiny(), C)
     with pytest.raises(ValueError, match="feature_source"):
         dd.DETRDistill(dd.DETRDistillConfig(feature_source="backbone"), freeze(tiny()), tiny(), C)
+    # a teacher whose logits are softmax scores (e.g. --teacher-arg class_loss=softmax) cannot
+    # feed HMLD's and TAFD's sigmoid probabilities
+    with pytest.raises(ValueError, match="sigmoid probabilities.*softmax"):
+        dd.DETRDistill(dd.DETRDistillConfig(), freeze(tiny(class_loss="softmax")), tiny(), C)
 
 
 # ------------------------------------------------------------------------------------------
