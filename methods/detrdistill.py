@@ -28,7 +28,10 @@ Where we follow the official code rather than the paper:
     A5  HMLD is one matching over all N teacher predictions (no positive/negative split).
     (A3, A4 and A5 each have the paper's form one flag away, listed below.)
     A9  normalisers: HMLD class / (B N), boxes / (pairs averaged over processes); TAFD is a mean.
-    A10 the InfoNCE head is on (``--no-query-contrastive`` is the paper-only variant).
+    A10 the InfoNCE head is on (``--no-query-contrastive`` is the paper-only variant). As in
+        the released code its BatchNorm statistics and its in-batch negatives are per process,
+        so with it N processes x batch b do not train exactly like one process x batch N*b
+        (every other term does; tests/test_method_ddp.py).
 The paper's forms, each one flag away from the released-code default [paper]:
     --quality-form paper  TAFD quality q = c^gamma IoU^(1 - gamma) (code: c IoU); gamma = 0.5
                           is reconstructed: the paper does not state it (--quality-gamma);
