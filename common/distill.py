@@ -62,9 +62,9 @@ def build_parser(doc, default_preset="cpu-student"):
     g.add_argument("--baseline", action="store_true",
                    help="also train (or reuse the cached) baseline student: the same student, "
                         "seed and schedule without distillation, shown beside the result. It "
-                        "trains beside the distillation, in its own process with the same "
-                        "--threads (1 when not given; its output in the cache folder's "
-                        "stdout.txt): on 2 cores, --threads 1 gives each run one")
+                        "trains beside the distillation, in its own process on 1 CPU thread "
+                        "(its output in the cache folder's stdout.txt); it is the cheaper of "
+                        "the two, so the distillation keeps --threads")
     g.add_argument("--teacher-variant", dest="teacher_variant", default=None,
                    choices=sorted(CONFIGS),
                    help="--teacher is an official checkpoint (DETR, Conditional DETR, DAB-DETR, "
@@ -475,7 +475,7 @@ def _baseline_command(args, output_dir, threads):
 
 def start_baseline(args):
     """Start training the baseline student with methods/baseline.py (same flags, no
-    distillation, the run's --threads or 1) in a process beside this one, unless cached;
+    distillation, 1 CPU thread) in a process beside this one, unless it is cached;
     ``wait_for_baseline`` collects it. Returns the checkpoint path it will have."""
     path = baseline_cache_path(args)
     if os.path.isfile(path) or path in _BASELINE_JOB:
@@ -483,12 +483,10 @@ def start_baseline(args):
     folder = os.path.dirname(path)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     work = tempfile.mkdtemp(prefix=".training-", dir=os.path.dirname(folder))
-    threads = args.threads or 1
-    cmd = _baseline_command(args, work, threads)
+    cmd = _baseline_command(args, work, threads=1)
     out = os.path.join(work, "stdout.txt")
-    print(f"baseline student: none cached; training it beside the distillation ({threads} "
-          f"thread{'s' if threads > 1 else ''}, output in {out}): {' '.join(cmd[1:])}",
-          flush=True)
+    print(f"baseline student: none cached; training it beside the distillation (1 thread, "
+          f"output in {out}): {' '.join(cmd[1:])}", flush=True)
     with open(out, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     _BASELINE_JOB[path] = (proc, work, folder)
