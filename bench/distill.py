@@ -16,9 +16,11 @@ read from its log.txt, with ``iter_time_s`` (median seconds per training iterati
 loading included) and ``peak_mem_mb`` (peak resident memory of the process, CUDA memory on a
 GPU) that common/engine.py logs.
 
-Spread is the sample standard deviation over seeds; a method's "gain" is its AP mean minus the
-baseline's, and "> noise" says whether the gain is larger than max(1.0 AP, baseline spread): a
-rough rule that ignores the method's own spread (a paired test over seeds is stricter).
+Spread is the sample standard deviation over seeds. A method's gain is paired by seed: its AP
+minus the baseline's AP at the same seed, over the seeds both have; the table gives the mean and
+sample standard deviation of those differences, how many seeds the method won, and the two-sided
+p-value of a paired t-test (scipy.stats.ttest_rel; with few seeds it says little, and a gain is
+only called clear when it wins on every seed and p < 0.05).
 """
 import argparse
 import concurrent.futures
@@ -29,6 +31,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+import scipy.stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -122,24 +126,40 @@ def summarize(records, teacher_stats):
                                                         if r["iter_time_s"] is not None] or [0]),
                       "peak_mem_mb": max([r["peak_mem_mb"] or 0 for r in rs])})
     base = next((t for t in table if t["method"] == "baseline"), None)
+    base_ap = {r["seed"]: 100 * r["AP"] for r in rows[base["label"]]} if base else {}
     for t in table:
-        if base is not None and t is not base:
-            t["gain"] = t["AP"][0] - base["AP"][0]
-            t["beats_noise"] = t["gain"] > max(1.0, base["AP"][1])
-    lines = ["| run | AP (mean ± sd) | AP50 (mean ± sd) | AP per seed | gain | > noise | s/iter | peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
+        if base is None or t is base:
+            continue
+        mine = {r["seed"]: 100 * r["AP"] for r in rows[t["label"]]}
+        diffs = [mine[s] - base_ap[s] for s in sorted(mine) if s in base_ap]
+        if not diffs:
+            continue
+        t["gain"] = ms(diffs)
+        t["wins"] = (sum(d > 0 for d in diffs), len(diffs))
+        t["p"] = (float(scipy.stats.ttest_rel([mine[s] for s in sorted(mine) if s in base_ap],
+                                              [base_ap[s] for s in sorted(mine) if s in base_ap]
+                                              ).pvalue) if len(diffs) > 1 else None)
+        t["clear"] = t["wins"][0] == len(diffs) and t["p"] is not None and t["p"] < 0.05
+    lines = ["| run | AP (mean ± sd) | AP50 (mean ± sd) | AP per seed | paired gain (mean ± sd) "
+             "| won | p | clear | s/iter | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     if teacher_stats:
         lines.append(f"| teacher | {100 * teacher_stats['test_AP']:.1f} | "
-                     f"{100 * teacher_stats['test_AP50']:.1f} | | | | "
+                     f"{100 * teacher_stats['test_AP50']:.1f} | | | | | | "
                      f"{teacher_stats.get('train_iter_time_s', 0) or 0:.3f} | "
                      f"{teacher_stats.get('train_peak_mem_mb', 0) or 0:.0f} |")
     for t in table:
-        gain = f"{t['gain']:+.1f}" if "gain" in t else ""
-        noise = ("yes" if t["beats_noise"] else "no") if "gain" in t else ""
+        if "gain" in t:
+            gain = f"{t['gain'][0]:+.1f} ± {t['gain'][1]:.1f}"
+            won = f"{t['wins'][0]}/{t['wins'][1]}"
+            p = f"{t['p']:.3f}" if t["p"] is not None else "-"
+            clear = "yes" if t["clear"] else "no"
+        else:
+            gain = won = p = clear = ""
         lines.append(f"| {t['label']} | {t['AP'][0]:.1f} ± {t['AP'][1]:.1f} | "
                      f"{t['AP50'][0]:.1f} ± {t['AP50'][1]:.1f} | "
-                     f"{' / '.join(f'{a:.1f}' for a in t['AP_per_seed'])} | {gain} | {noise} | "
-                     f"{t['iter_time_s']:.3f} | {t['peak_mem_mb']:.0f} |")
+                     f"{' / '.join(f'{a:.1f}' for a in t['AP_per_seed'])} | {gain} | {won} | "
+                     f"{p} | {clear} | {t['iter_time_s']:.3f} | {t['peak_mem_mb']:.0f} |")
     return table, "\n".join(lines)
 
 

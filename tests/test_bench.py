@@ -231,18 +231,33 @@ def test_distill_summary_mean_spread_and_gain(distill_bench):
                ("kd", "qskd", 2, 0.125, 0.36, 0.6, 710),
                ("weak", "gdetkd", 0, 0.12, 0.33, 0.9, 900),
                ("weak", "gdetkd", 1, 0.11, 0.33, 0.9, 900),
-               ("weak", "gdetkd", 2, 0.13, 0.33, 0.9, 900)]]
+               ("weak", "gdetkd", 2, 0.13, 0.33, 0.9, 900),
+               ("strong", "detrdistill", 0, 0.14, 0.40, 0.8, 800),
+               ("strong", "detrdistill", 1, 0.17, 0.40, 0.8, 800),
+               ("strong", "detrdistill", 2, 0.15, 0.40, 0.8, 800)]]
     table, text = distill_bench.summarize(rec, {"test_AP": 0.3, "test_AP50": 0.6})
     rows = {t["label"]: t for t in table}
     # hand-computed: baseline AP 10, 12, 11 -> mean 11, sample sd 1; AP50 30, 34, 32 -> 32, 2
     assert rows["baseline"]["AP"] == pytest.approx((11.0, 1.0))
     assert rows["baseline"]["AP50"] == pytest.approx((32.0, 2.0))
     assert rows["baseline"]["iter_time_s"] == 0.2 and rows["baseline"]["peak_mem_mb"] == 510
-    # gain 1.5 > max(1.0, sd 1.0): beats the noise; gain 1.0 does not (strictly larger needed)
-    assert rows["kd"]["gain"] == pytest.approx(1.5) and rows["kd"]["beats_noise"]
-    assert rows["weak"]["gain"] == pytest.approx(1.0) and not rows["weak"]["beats_noise"]
+    # paired by seed: kd - baseline = 2.5, 0.5, 1.5 -> mean 1.5, sd 1; weak: 2, -1, 2 -> 1, sd
+    # sqrt(3); p from the paired t statistic mean / (sd / sqrt(n)) with n - 1 = 2 degrees of
+    # freedom, computed here from the t distribution's closed form for 2 d.o.f.:
+    # p = 1 - |t| / sqrt(2 + t^2)
+    assert rows["kd"]["gain"] == pytest.approx((1.5, 1.0))
+    assert rows["weak"]["gain"] == pytest.approx((1.0, 3 ** 0.5))
+    t_kd, t_weak = 1.5 / (1.0 / 3 ** 0.5), 1.0 / (3 ** 0.5 / 3 ** 0.5)
+    assert rows["kd"]["p"] == pytest.approx(1 - t_kd / (2 + t_kd ** 2) ** 0.5)
+    assert rows["weak"]["p"] == pytest.approx(1 - t_weak / (2 + t_weak ** 2) ** 0.5)
+    assert rows["kd"]["wins"] == (3, 3) and rows["weak"]["wins"] == (2, 3)
+    # clear needs every seed won and p < 0.05: kd wins 3/3 but p = 0.12; weak loses a seed;
+    # strong: 4, 5, 4 -> mean 13/3, sd 1/sqrt(3), t = 13, p = 1 - 13 / sqrt(171) = 0.006
+    assert not rows["kd"]["clear"] and not rows["weak"]["clear"]
+    assert rows["strong"]["p"] == pytest.approx(1 - 13 / 171 ** 0.5) and rows["strong"]["clear"]
     assert "gain" not in rows["baseline"]
     assert "| teacher | 30.0 | 60.0 |" in text and "| kd | 12.5 ± 0.0 |" in text
+    assert "| +1.5 ± 1.0 | 3/3 |" in text
 
 
 def test_distill_bench_end_to_end_and_reuse(tmp_path, distill_bench, monkeypatch):
