@@ -108,7 +108,10 @@ def add_model_args(parser):
                    help="the detector (default: the recipe's or preset's, else deformable_detr)")
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="model size and schedule for CPU runs on the embedded data (the "
-                        "default there); on real data only when named")
+                        "default there); on real data only when named. cpu-teacher: the "
+                        "teacher, 10 epochs; cpu-student: the student, 5 epochs; cpu-demo: "
+                        "the student, 2 epochs (the README's first run); cpu-tiny: the "
+                        "smallest model, 1 epoch (checks the pipeline, AP about 0)")
     g.add_argument("--pretrained", dest="pretrained", action=argparse.BooleanOptionalAction,
                    default=None,
                    help="start a torchvision ResNet from its ImageNet weights, read from "
