@@ -149,7 +149,8 @@ class MSDeformAttn(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4, got {tuple(reference_points.shape)}")
         # fp32 island under autocast (as DINO does): the op wants one dtype, and sampling
-        # locations lose precision in half (steps of ~1/2000 of a map, specs sec. 6.6)
+        # locations lose precision in half (fp16 resolves locations in [0, 1] in steps of about
+        # 1/2000, a whole pixel on a 2000-pixel-wide map)
         dtype = torch.promote_types(value.dtype, loc.dtype)
         if ops.tracing():  # torch.export / jit.trace: no checks that read tensor values
             out = ops.ms_deform_attn_traceable(value.to(dtype), spatial_shapes, level_start_index,
