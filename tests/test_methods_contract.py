@@ -10,9 +10,14 @@ test files keep each method's maths):
      method's student-side state; ``methods/baseline.py --eval`` of it rebuilds a student that
      holds exactly these weights and writes the same detections (detections_val.json: image ids,
      categories, boxes and scores) as the script's final evaluation did;
-  4. ``--visualize DIR --visualize-images N`` writes N figures ``<method>_<image_id>.png``.
+  4. ``--visualize DIR --visualize-images N`` writes N figures ``<method>_<image_id>.png``;
+  5. resuming is exact: 2 epochs in one go equal 1 epoch, then ``--resume`` for the second, in
+     the final checkpoint's "model", "extra" (the student-side modules and buffers, G-DetKD's
+     queue), "optimizer", "lr_scheduler" and "rng" entries (bit for bit) and in the log lines
+     (losses and COCO stats per epoch, all but the timings).
 
-All on the session's tiny teacher (conftest.py) and 8 embedded images, one iteration."""
+All on the session's tiny teacher (conftest.py) and 8 embedded images, one iteration (two per
+epoch for 5)."""
 import contextlib
 import copy
 import importlib
@@ -37,6 +42,8 @@ METHODS = {
     "gdetkd": ("add_args", "GDetKDConfig", "GDetKD", ["--rois-per-img", "16"]),
 }
 FIGURES = 2
+# log entries that measure the machine, not the training: they differ between any two runs
+MACHINE_KEYS = ("epoch_time_s", "train_iter_time_s", "train_peak_mem_mb")
 
 
 def assert_same(got, want, where):
@@ -234,3 +241,37 @@ def test_visualize_writes_one_figure_per_image(script):
             pixels = np.asarray(im)
         assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50
 
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_resume_equals_the_uninterrupted_run(name, tiny_teacher, tmp_path):
+    """Two epochs in one go equal one epoch, then a resume for the second, bit for bit: the
+    student, the method's student-side modules and buffers (G-DetKD's queue: filled in epoch 1,
+    read in epoch 2), AdamW's moments and steps, the scheduler, every RNG stream, the log."""
+    main = importlib.import_module(name).main
+    argv = (["--preset", "cpu-tiny", "--teacher", tiny_teacher.path] + METHODS[name][3] +
+            tiny_teacher.data + ["--max-iters", "2"])
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    main(argv + ["--epochs", "2", "--output-dir", str(straight)])
+    main(argv + ["--epochs", "1", "--output-dir", str(split)])
+    first = torch.load(split / "checkpoint.pth", weights_only=True)
+    main(argv + ["--epochs", "2", "--output-dir", str(split), "--resume",
+                 str(split / "checkpoint.pth")])
+    want = torch.load(straight / "checkpoint.pth", weights_only=True)
+    got = torch.load(split / "checkpoint.pth", weights_only=True)
+    assert (first["epoch"], got["epoch"], want["epoch"]) == (0, 1, 1)
+    assert want["args"]["max_iters"] == 2
+    for part in ("model", "extra", "optimizer", "lr_scheduler", "rng"):
+        assert_same(got[part], want[part], part)
+    # the second epoch did train: the resumed run did not just hand back the first checkpoint
+    assert any(not torch.equal(v, first["model"][k]) for k, v in want["model"].items())
+    if name == "gdetkd":
+        assert len(want["extra"]["queue._extra_state"]["items"]) == 4   # 2 epochs x 2 iterations
+
+    def lines(folder):
+        with open(folder / "log.txt") as f:
+            return [{k: v for k, v in json.loads(x).items() if k not in MACHINE_KEYS}
+                    for x in f.read().splitlines()]
+    log = lines(straight)
+    assert [x["epoch"] for x in log] == [0, 1]
+    assert all(math.isfinite(x["train_loss"]) for x in log)
+    assert_same(lines(split), log, "log")
