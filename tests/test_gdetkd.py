@@ -599,16 +599,5 @@ def test_queue_is_saved_in_the_checkpoint_and_restored(tmp_path):
     assert len(fresh.queue.items) == len(d.queue.items) == 2
 
 
-def test_resume_is_exact_with_the_queue(run):
-    """Two epochs in one go equal one epoch, then a resume for the second: the CKD queue
-    (filled in epoch 1, read in epoch 2) comes back from the checkpoint."""
-    common, tmp, teacher, _ = run
-    args = common + ["--teacher", teacher, "--rois-per-img", "16"]
-    gdetkd.main(args + ["--epochs", "2", "--output-dir", str(tmp / "straight")])
-    gdetkd.main(args + ["--epochs", "1", "--output-dir", str(tmp / "split")])
-    gdetkd.main(args + ["--epochs", "2", "--output-dir", str(tmp / "split"), "--resume",
-                        str(tmp / "split" / "checkpoint.pth")])
-    a = torch.load(tmp / "straight" / "checkpoint.pth", weights_only=True)
-    b = torch.load(tmp / "split" / "checkpoint.pth", weights_only=True)
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+# (that a resume is exact, the queue included: test_methods_contract.py's
+# test_resume_equals_the_uninterrupted_run)
