@@ -15,7 +15,6 @@ features; it has no decoder-layer map.
 import os
 import sys
 
-import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
