@@ -152,7 +152,7 @@ def summarize(records, teacher_stats):
         if "gain" in t:
             gain = f"{t['gain'][0]:+.1f} ± {t['gain'][1]:.1f}"
             won = f"{t['wins'][0]}/{t['wins'][1]}"
-            p = f"{t['p']:.3f}" if t["p"] is not None else "-"
+            p = ("-" if t["p"] is None else f"{t['p']:.3f}" if t["p"] >= 0.001 else "< 0.001")
             clear = "yes" if t["clear"] else "no"
         else:
             gain = won = p = clear = ""
