@@ -38,6 +38,7 @@ def anchors():
     return _load("anchors")
 
 
+@pytest.mark.slow
 def test_quick_run_passes_parity_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -260,6 +261,7 @@ def test_distill_summary_mean_spread_and_gain(distill_bench):
     assert "| +1.5 ± 1.0 | 3/3 |" in text
 
 
+@pytest.mark.slow
 def test_distill_bench_end_to_end_and_reuse(tmp_path, distill_bench, monkeypatch):
     """Two tiny runs (baseline and CLoCKDistill) through the real scripts, then the same command
     again reuses them without training."""

@@ -325,6 +325,7 @@ def test_built_from_a_model_config():
     assert deform.weight_dict["loss_bbox_enc"] == 5.0 and deform.enc_class_agnostic
 
 
+@pytest.mark.slow
 def test_one_source_of_variant_defaults_and_no_model_import():
     """The criterion reads the per-variant defaults from common.config, the module the model
     reads too, and never imports the model (layering: config -> criterion -> detr)."""

@@ -24,6 +24,7 @@ def _args(tmp_path, *extra):
          "--num-workers", "0", *extra]))
 
 
+@pytest.mark.slow
 def test_teacher_is_trained_once_then_cached(tmp_path, monkeypatch):
     args = _args(tmp_path)
     calls = []
@@ -326,6 +327,7 @@ def test_load_teacher_hands_the_data_sets_ids_to_an_official_teacher(tmp_path):
     assert torch.equal(teacher.class_embed[2].weight, official["class_embed.2.weight"][1:11])
 
 
+@pytest.mark.slow
 def test_baseline_trains_beside_and_equals_a_direct_baseline_run(tmp_path):
     """--baseline: methods/baseline.py runs in its own process while the distillation trains;
     the student it caches is the one baseline.py trains by hand with the same flags and 1
@@ -351,6 +353,7 @@ def test_baseline_trains_beside_and_equals_a_direct_baseline_run(tmp_path):
         assert cmd[cmd.index(flag) + 1] == value
 
 
+@pytest.mark.slow
 def test_a_failed_baseline_is_named_and_not_cached(tmp_path, capsys):
     args = _args(tmp_path, "--seed", "4")
     args.batch_size = -1                     # baseline.py refuses it

@@ -181,6 +181,7 @@ def _worker(rank, world, port, steps, batch, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_with_doubled_batch(tmp_path):
     steps, batch = 3, 2
     out = str(tmp_path / "ddp.pth")
@@ -214,6 +215,7 @@ def _crops_worker(rank, world, port, cache, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_crop_backbone_under_two_processes(tmp_path):
     """Under torchrun the main process pretrains the crop backbone once while the others wait;
     every process gets the same cached file (and nobody deadlocks)."""
@@ -261,6 +263,7 @@ def _resume_worker(rank, world, port, out, epochs, resume):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_resume_under_two_gloo_processes_is_exact(tmp_path):
     """Each rank saves and restores its own RNG stream: a 2-process run killed after epoch 1
     and resumed ends bit-for-bit where the uninterrupted 2-process run ends."""
