@@ -20,7 +20,7 @@ Spread is the sample standard deviation over seeds. A method's gain is paired by
 minus the baseline's AP at the same seed, over the seeds both have; the table gives the mean and
 sample standard deviation of those differences, how many seeds the method won, and the two-sided
 p-value of a paired t-test (scipy.stats.ttest_rel; with few seeds it says little, and a gain is
-only called clear when it wins on every seed and p < 0.05).
+only called clear when it has at least 3 seeds, wins on every one and p < 0.05).
 """
 import argparse
 import concurrent.futures
@@ -139,7 +139,8 @@ def summarize(records, teacher_stats):
         t["p"] = (float(scipy.stats.ttest_rel([mine[s] for s in sorted(mine) if s in base_ap],
                                               [base_ap[s] for s in sorted(mine) if s in base_ap]
                                               ).pvalue) if len(diffs) > 1 else None)
-        t["clear"] = t["wins"][0] == len(diffs) and t["p"] is not None and t["p"] < 0.05
+        t["clear"] = (len(diffs) >= 3 and t["wins"][0] == len(diffs) and t["p"] is not None
+                      and t["p"] < 0.05)
     lines = ["| run | AP (mean ± sd) | AP50 (mean ± sd) | AP per seed | paired gain (mean ± sd) "
              "| won | p | clear | s/iter | peak MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]

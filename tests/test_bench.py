@@ -256,6 +256,9 @@ def test_distill_summary_mean_spread_and_gain(distill_bench):
     # strong: 4, 5, 4 -> mean 13/3, sd 1/sqrt(3), t = 13, p = 1 - 13 / sqrt(171) = 0.006
     assert not rows["kd"]["clear"] and not rows["weak"]["clear"]
     assert rows["strong"]["p"] == pytest.approx(1 - 13 / 171 ** 0.5) and rows["strong"]["clear"]
+    # two seeds are never called clear, however small p is
+    two, _ = distill_bench.summarize([r for r in rec if r["seed"] < 2], None)
+    assert not {t["label"]: t for t in two}["strong"]["clear"]
     assert "gain" not in rows["baseline"]
     assert "| teacher | 30.0 | 60.0 |" in text and "| kd | 12.5 ± 0.0 |" in text
     assert "| +1.5 ± 1.0 | 3/3 |" in text
