@@ -41,7 +41,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # `python setup.py build_ext --inplace` builds common._C here; a pip build (bdist_wheel,
 # editable_wheel) runs that same command from build_py below and packages no module.
 DIRECT = "build_ext" in sys.argv[1:]
-VERBOSE = os.environ.get("DETRKD_VERBOSE_BUILD", "0") not in ("", "0") or \
+
+
+def env_flag(name):
+    """An on/off environment setting: set and neither empty nor "0"."""
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+VERBOSE = env_flag("DETRKD_VERBOSE_BUILD") or \
     any(a in ("-v", "--verbose") for a in sys.argv[1:])
 
 # Compiler notes that come from the toolchain's own headers, not from csrc/: gcc's "the ABI for
@@ -55,13 +62,13 @@ def cuda_wanted():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    if os.environ.get("DETRKD_NO_CUDA", "0") not in ("", "0"):
+    if env_flag("DETRKD_NO_CUDA"):
         return False, "DETRKD_NO_CUDA is set"
     if torch.version.cuda is None:
         return False, "torch was built without CUDA"
     if CUDA_HOME is None:
         return False, "no CUDA toolkit found (CUDA_HOME / nvcc)"
-    forced = os.environ.get("DETRKD_FORCE_CUDA", "0") not in ("", "0")
+    forced = env_flag("DETRKD_FORCE_CUDA")
     if not forced and not torch.cuda.is_available():
         return False, ("no GPU visible; DETRKD_FORCE_CUDA=1 builds them anyway with the "
                        f"toolkit at {CUDA_HOME}")
@@ -86,7 +93,7 @@ def make_extension():
     print(f"[detrkd] building common._C with{'' if use_cuda else 'out'} CUDA kernels: {why}")
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cxx = ["-O3", "-fopenmp"] + ([] if VERBOSE else QUIET_CXX)
-    if os.environ.get("DETRKD_PORTABLE", "0") in ("", "0"):
+    if not env_flag("DETRKD_PORTABLE"):
         cxx.append("-march=native")
     if not use_cuda:
         return CppExtension("common._C", sources, extra_compile_args={"cxx": cxx},

@@ -131,14 +131,15 @@ def summarize(records, teacher_stats):
         if base is None or t is base:
             continue
         mine = {r["seed"]: 100 * r["AP"] for r in rows[t["label"]]}
-        diffs = [mine[s] - base_ap[s] for s in sorted(mine) if s in base_ap]
-        if not diffs:
+        seeds = [s for s in sorted(mine) if s in base_ap]       # the seeds both have
+        if not seeds:
             continue
+        ours, theirs = [mine[s] for s in seeds], [base_ap[s] for s in seeds]
+        diffs = [a - b for a, b in zip(ours, theirs)]
         t["gain"] = ms(diffs)
         t["wins"] = (sum(d > 0 for d in diffs), len(diffs))
-        t["p"] = (float(scipy.stats.ttest_rel([mine[s] for s in sorted(mine) if s in base_ap],
-                                              [base_ap[s] for s in sorted(mine) if s in base_ap]
-                                              ).pvalue) if len(diffs) > 1 else None)
+        t["p"] = (float(scipy.stats.ttest_rel(ours, theirs).pvalue) if len(diffs) > 1
+                  else None)
         t["clear"] = (len(diffs) >= 3 and t["wins"][0] == len(diffs) and t["p"] is not None
                       and t["p"] < 0.05)
     lines = ["| run | AP (mean ± sd) | AP50 (mean ± sd) | AP per seed | paired gain (mean ± sd) "

@@ -26,6 +26,7 @@ from common import ops  # noqa: E402
 from common.detr import build_model  # noqa: E402
 from common.distill import freeze, teacher_layer_map  # noqa: E402
 from common.matcher import pad_targets  # noqa: E402
+from test_method_ddp import square_batch  # noqa: E402  (one-size batches, shared)
 
 NC = 4
 SMALL = dict(backbone="tiny", width=8, hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
@@ -55,15 +56,9 @@ def models():
 
 def data():
     """Two images of one size, 2 and 3 GT boxes."""
-    g = torch.Generator().manual_seed(5)
-    images = torch.randn(2, 3, 64, 64, generator=g)
-    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
-    targets = [{"labels": torch.tensor([1, 2]), "size": torch.tensor([64, 64]),
-                "boxes": torch.tensor([[0.3, 0.35, 0.3, 0.4], [0.7, 0.6, 0.35, 0.3]])},
-               {"labels": torch.tensor([3, 0, 2]), "size": torch.tensor([64, 64]),
-                "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.5], [0.2, 0.7, 0.2, 0.3],
-                                       [0.75, 0.25, 0.3, 0.2]])}]
-    return images, masks, targets
+    return square_batch([([1, 2], [[0.3, 0.35, 0.3, 0.4], [0.7, 0.6, 0.35, 0.3]]),
+                         ([3, 0, 2], [[0.5, 0.5, 0.4, 0.5], [0.2, 0.7, 0.2, 0.3],
+                                      [0.75, 0.25, 0.3, 0.2]])])
 
 
 class Recorder:

@@ -66,16 +66,21 @@ def build(method):
     return gdetkd.GDetKD(cfg, teacher, student, NC)
 
 
+def square_batch(gt):
+    """Random 64x64 images (seed 5), one per entry of ``gt`` = [(labels, boxes cxcywh)], all of
+    one size: no padding, so one process and two see the same pixels."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(len(gt), 3, 64, 64, generator=g)
+    masks = torch.zeros(len(gt), 64, 64, dtype=torch.bool)
+    targets = [{"labels": torch.tensor(labels), "size": torch.tensor([64, 64]),
+                "boxes": torch.tensor(boxes)} for labels, boxes in gt]
+    return images, masks, targets
+
+
 def data():
     """Two images of one size (no padding difference between 1 and 2 processes), 2 and 1 GT."""
-    g = torch.Generator().manual_seed(5)
-    images = torch.randn(2, 3, 64, 64, generator=g)
-    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
-    targets = [{"labels": torch.tensor([1, 2]), "size": torch.tensor([64, 64]),
-                "boxes": torch.tensor([[0.3, 0.35, 0.3, 0.4], [0.7, 0.6, 0.35, 0.3]])},
-               {"labels": torch.tensor([3]), "size": torch.tensor([64, 64]),
-                "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.5]])}]
-    return images, masks, targets
+    return square_batch([([1, 2], [[0.3, 0.35, 0.3, 0.4], [0.7, 0.6, 0.35, 0.3]]),
+                         ([3], [[0.5, 0.5, 0.4, 0.5]])])
 
 
 def losses_of(method, images, masks, targets):
