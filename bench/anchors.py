@@ -1,6 +1,6 @@
 """The anchors bench/kernels.py measures our ops against: what a user would run instead.
 
-Matching (performance.md 1.1 and 2):
+Matching:
     detr_matcher          the HungarianMatcher of DETR / Deformable DETR as their repositories
                           write it: predictions flattened to (B*Q, .), all targets of the batch
                           concatenated, one dense (B*Q, sum T) cost with torch.cdist(p=1) and
@@ -10,9 +10,9 @@ Matching (performance.md 1.1 and 2):
                           (broadcast L1, torchvision GIoU), then scipy per image.
     scipy_loop            scipy.optimize.linear_sum_assignment image by image.
     lapx_batch_solvers    lapx's batched rectangular solvers (lapjvh_batch / lapjvr_batch), the
-                          fastest CPU solvers known to performance.md 1.3, when lapx is installed.
+                          fastest batched CPU solvers we know of, when lapx is installed.
 
-Deformable attention (performance.md 3.1, 5.2):
+Deformable attention:
     official_msda         the official Deformable-DETR CUDA kernel, when
                           bench/build_official_msda.sh has built it in the git-ignored folder
                           bench/_anchors/Deformable-DETR.

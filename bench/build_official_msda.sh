@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the official Deformable-DETR multi-scale deformable attention op, the GPU anchor that
-# bench/kernels.py compares our kernel against (performance.md 5.2, detr-family.md 6.4).
+# bench/kernels.py compares our kernel against (what most DETR codebases still compile and ship).
 #
-# Their code is never committed here. The lead places a copy of the public repository
+# Their code is never committed here. Place a copy of the public repository
 # (github.com/fundamentalvision/Deformable-DETR) in the git-ignored folder
 #     bench/_anchors/Deformable-DETR
 # and this script edits THAT copy so it compiles against current PyTorch, then builds

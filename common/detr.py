@@ -10,7 +10,7 @@ Variants (``build_model(variant, num_classes, **overrides)``):
 Each has a frozen config dataclass whose defaults are the official ones, ``CONFIGS[variant]``,
 defined in common/config.py (where the criterion reads them too) and re-exported here.
 
-Contract (DESIGN.md, Models):
+Contract (what the criterion, the engine and the distillers rely on):
     enc = model.encode(images, masks)                     -> Encoded
     q   = model.init_queries(enc)                         -> Queries (the variant's own)
     dec = model.decode(enc, queries=None, targets=None, return_attention=False) -> Decoded

@@ -368,7 +368,8 @@ def ckd_loss(z_s, z_t, queue, roi_image, roi_boxes, gamma=0.07, iou_thr=0.5,
 class RoIQueries(nn.Module):
     """Frozen box-conditioned queries for CKD: the same tensors for teacher and
     student (the first D_T / D_S channels of one frozen content vector and of one frozen
-    MLP(logit(box)) 4 -> 64 -> D_max), built per family as in clockdistill.md C2.1."""
+    MLP(logit(box)) 4 -> 64 -> D_max), built per family as CLoCKDistill's target-aware queries
+    are (methods/clockdistill.py)."""
 
     def __init__(self, dim):
         super().__init__()

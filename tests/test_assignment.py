@@ -240,7 +240,7 @@ def test_column_major_cost_is_read_as_is(N, M, sizes, dtype):
 
 
 # ------------------------------------------------------------------------------------------
-# CUDA: the same checks on the GPU solver (run by the lead on an H100)
+# CUDA: the same checks on the GPU solver (run when a GPU is present)
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.cuda

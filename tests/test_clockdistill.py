@@ -1,5 +1,5 @@
-"""methods/clockdistill.py: every loss term against an independent float64 computation, the spec's
-invariants 1-20 (shared/specs/methods/clockdistill.md, "Invariants to test"), the wiring
+"""methods/clockdistill.py: every loss term against an independent float64 computation, the
+method's invariants (numbered 1-20 in the tests below), the wiring
 (gradients reach the student and its adapter, never the teacher) and a one-iteration run of the
 script on the embedded data whose checkpoint loads into methods/baseline.py --eval."""
 import copy

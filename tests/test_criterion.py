@@ -284,7 +284,7 @@ def test_postprocess_softmax_mode():
 
 
 def test_variant_defaults_follow_the_official_configs():
-    # specs/detr-family.md table 3.2
+    # the official repositories' loss weights and matcher costs
     dino = build_criterion("dino", 91)
     w = dino.weight_dict
     assert (w["loss_ce"], w["loss_bbox"], w["loss_giou"]) == (1.0, 5.0, 2.0)

@@ -1,6 +1,6 @@
 """methods/detrdistill.py: each loss on hand-built inputs against independent float64 formulas
-(torchvision, scipy), the spec's "Invariants to test" (numbered as in
-specs/methods/detrdistill.md), teacher/student wiring, and a one-iteration run of the script on
+(torchvision, scipy), the method's invariants (numbered in the tests
+below), teacher/student wiring, and a one-iteration run of the script on
 the embedded data whose student loads into methods/baseline.py --eval."""
 import copy
 import math
@@ -486,7 +486,7 @@ def test_one_step_updates_student_side_only():
 
 
 def test_student_equal_to_teacher():
-    # zero KD where the spec says so: HMLD boxes and TAFD are 0, HMLD class = teacher entropy
+    # zero KD where the method's definitions give zero: HMLD boxes and TAFD are 0, HMLD class = teacher entropy
     teacher = freeze(tiny())
     student = copy.deepcopy(teacher)
     for p in student.parameters():

@@ -1,5 +1,5 @@
-"""methods/gdetkd.py: SGFI and CKD against float64 formulas written here, the spec's invariants
-(specs/methods/gdetkd.md, "Invariants to test" 1-18), the wiring (frozen teacher, student-side
+"""methods/gdetkd.py: SGFI and CKD against float64 formulas written here, the method's
+invariants (numbered 1-18 in the tests below), the wiring (frozen teacher, student-side
 modules trained and checkpointed apart from the student) and a one-iteration run of the script."""
 import math
 import os

@@ -426,7 +426,7 @@ def test_pairwise_giou_bad_input(a, b, name):
 
 
 # ------------------------------------------------------------------------------------------
-# CUDA (run by the lead on an H100; skipped here)
+# CUDA (run when a GPU is present; skipped otherwise)
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.cuda

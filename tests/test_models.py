@@ -1,8 +1,21 @@
 """The DETR family (common/backbone.py, common/transformer.py, common/detr.py) at tiny sizes.
 
 Checks the encode/decode contract of every variant, external queries, DINO's denoising mask and
-look-forward-twice, the detach rules, the faithfulness traps of specs/detr-family.md sec. 5.4,
-and the building blocks against float64 hand computations.
+look-forward-twice, the detach rules, the places where a reimplementation easily departs from
+the official code ("traps", numbered as the comments below cite them), and the building blocks
+against float64 hand computations.
+
+Traps: 1 Deformable's query_embed splits positional half first; 2 decoder norm names (DETR,
+Conditional, DAB: norm1 after self-attention; Deformable, DINO: norm2); 3 which variants
+normalise every layer's output (all but Deformable; DINO refines from the un-normalised state);
+4 what is detached between layers (Deformable, DAB-DETR, DINO each differently); 5 Deformable's
+box refinement turns 2-D initial references into 4-D box-relative sampling after layer 0;
+6 Conditional DETR never refines its reference; 7 DAB-DETR holds anchors as logits, its layer 0
+positional transform is 1 and the hw modulation divides by the anchor's w, h; 8 concatenated-head
+cross-attention scales by 1/sqrt of the doubled q/k head dim; 9 two-stage proposal selection
+(Deformable: class channel 0, agnostic; DINO: max over classes); 10 invalid-proposal masking and
+the valid-ratio rescaling of references; 11 focal loss normalisation; 12 learning-rate groups;
+13 DINO's denoising groups, block order and boolean mask.
 """
 import glob
 import importlib
@@ -327,7 +340,7 @@ def test_dino_query_selection_and_look_forward_twice():
 
 
 # ------------------------------------------------------------------------------------------
-# Detach rules and the other faithfulness traps (specs/detr-family.md sec. 5.4)
+# Detach rules and the other places where the official code is easy to get wrong
 # ------------------------------------------------------------------------------------------
 
 def test_deformable_refine_detach_and_2d_to_4d():
@@ -479,7 +492,7 @@ def test_decoder_norm_naming():
 
 
 # ------------------------------------------------------------------------------------------
-# Direct tests of traps that the tests above show only in part (specs/detr-family.md sec. 5.4)
+# Direct tests of those places that the tests above show only in part
 # ------------------------------------------------------------------------------------------
 
 def _layer_norm_by_hand(x, norm):
@@ -998,7 +1011,9 @@ def test_backbone_r50_dc5_and_weight_files(tmp_path, monkeypatch):
 
 
 def test_parameter_groups_lr():
-    """Spec trap 12, through the optimiser groups the training engine builds."""
+    """Deformable DETR's learning-rate groups (backbone lr; sampling offsets and reference points
+    at 0.1x, matched by name as the official code does), through the optimiser groups the
+    training engine builds."""
     model = small_model("deformable_detr")
     groups = param_groups(model, model.cfg.lr, model.cfg.lr_backbone,
                           model.cfg.lr_linear_proj_mult)

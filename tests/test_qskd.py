@@ -1,6 +1,6 @@
 """methods/qskd.py: each loss term against an independent float64 computation (torchvision,
-scipy, grid_sample, hand-computed examples), the invariants of specs/methods/qskd.md
-("Invariants to test", numbered as there), the wiring (frozen teacher, gradients, checkpoint)
+scipy, grid_sample, hand-computed examples), the method's
+invariants (numbered in the tests below), the wiring (frozen teacher, gradients, checkpoint)
 and a one-iteration run of the script on the embedded data."""
 import copy
 import math
