@@ -684,7 +684,7 @@ def roi_align_separable(features, rois, output_size, spatial_scale, sampling_rat
     every sample's interpolation for every channel, one channel at a time. At our shapes
     (hundreds of RoIs on small maps) that backward was the largest single cost of a G-DetKD
     training step on the CPU. The products here are matrix multiplications
-    (bench/RESULTS.md section 5 has the timings).
+    (bench/RESULTS.md appendix A4 has the timings).
     features (B,C,H,W), rois (R,5) [batch index, x1, y1, x2, y2] in image pixels, sampling_ratio
     > 0 (torchvision's adaptive -1 is not supported) -> (R,C,s,s)."""
     if sampling_ratio <= 0:
